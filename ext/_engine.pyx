@@ -1,0 +1,929 @@
+# cython: language_level=3
+"""The compiled engine: an epoll loop that accepts, terminates TLS, connects upstream and
+relays bytes both ways, with no Python code per chunk.
+
+Python hands it listening sockets, TLS contexts and upstream addresses, then calls run()
+(which releases the GIL). Python is called back once per connection, when it ends (the
+access-log record); counters live here and are read with stats().
+
+Relay: edge-triggered epoll; each side remembers its unconsumed readiness, so a direction
+whose destination is full simply stops reading (backpressure) until the destination drains.
+At most one RELAY_BUF buffer (or one pipe, with splice) per direction is held, and only
+while bytes are in flight: an idle connection holds neither.
+"""
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memset, memcpy, strlen
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from cpython.exc cimport PyErr_CheckSignals
+
+from system cimport *
+from openssl cimport *
+from conn cimport *
+
+import os as _os
+
+# (name, access-log status) per EndReason, in enum order.
+REASONS = (
+    ("ok", 200),
+    ("idle-timeout", 200),
+    ("client-reset", 200),
+    ("upstream-reset", 200),
+    ("tls-handshake-failed", 400),
+    ("tls-handshake-timeout", 400),
+    ("denied", 403),
+    ("internal-error", 500),
+    ("upstream-refused", 502),
+    ("upstream-unreachable", 502),
+    ("shutdown", 503),
+    ("upstream-timeout", 504),
+)
+assert len(REASONS) == R_COUNT
+
+cdef int ONE = 1
+
+
+cdef inline uint64_t _tag(void* p, int tag) noexcept nogil:
+    return <uint64_t><uintptr_t>p | <uint64_t>tag
+
+
+cdef inline ssize_t side_read(Side* s, char* buf, size_t n) noexcept nogil:
+    """Read up to n bytes. Returns > 0 bytes, IO_AGAIN (readiness consumed), IO_EOF or IO_ERR."""
+    cdef ssize_t r
+    cdef int err
+    if s.ssl == NULL:
+        while True:
+            r = recv(s.fd, buf, n, 0)
+            if r > 0:
+                return r
+            if r == 0:
+                return IO_EOF
+            err = fp_errno()
+            if err == EINTR:
+                continue
+            if err == EAGAIN:
+                s.readable = 0
+                return IO_AGAIN
+            return IO_ERR
+    ERR_clear_error()
+    r = SSL_read(s.ssl, buf, <int>n)
+    if r > 0:
+        return r
+    err = SSL_get_error(s.ssl, <int>r)
+    if err == SSL_ERROR_WANT_READ:
+        s.readable = 0
+        return IO_AGAIN
+    if err == SSL_ERROR_WANT_WRITE:
+        s.writable = 0
+        return IO_AGAIN
+    if err == SSL_ERROR_ZERO_RETURN:
+        return IO_EOF
+    return IO_ERR
+
+
+cdef inline ssize_t side_write(Side* s, const char* buf, size_t n) noexcept nogil:
+    """Write up to n bytes. Returns > 0 bytes written, IO_AGAIN or IO_ERR."""
+    cdef ssize_t r
+    cdef int err
+    if s.ssl == NULL:
+        while True:
+            r = send(s.fd, buf, n, MSG_NOSIGNAL)
+            if r >= 0:
+                return r
+            err = fp_errno()
+            if err == EINTR:
+                continue
+            if err == EAGAIN:
+                s.writable = 0
+                return IO_AGAIN
+            return IO_ERR
+    ERR_clear_error()
+    r = SSL_write(s.ssl, buf, <int>n)
+    if r > 0:
+        return r
+    err = SSL_get_error(s.ssl, <int>r)
+    if err == SSL_ERROR_WANT_WRITE:
+        s.writable = 0
+        return IO_AGAIN
+    if err == SSL_ERROR_WANT_READ:
+        s.readable = 0
+        return IO_AGAIN
+    return IO_ERR
+
+
+cdef inline void side_shutdown_write(Side* s) noexcept nogil:
+    # Half-close: TLS close_notify first (best effort, it may not fit a full socket), then FIN.
+    if s.ssl != NULL:
+        ERR_clear_error()
+        SSL_shutdown(s.ssl)
+        ERR_clear_error()
+    shutdown(s.fd, SHUT_WR)
+    s.shut_wr = 1
+
+
+cdef inline void _discard_input(int fd) noexcept nogil:
+    # close() with unread bytes in the receive queue sends RST, and a peer's kernel may then
+    # drop what we sent last (a TLS alert, a CONNACK) before its application reads it.
+    # Draining what already arrived (bounded) makes the close an orderly FIN.
+    cdef char sink[4096]
+    cdef int i
+    for i in range(16):
+        if recv(fd, sink, sizeof(sink), 0) <= 0:
+            return
+
+
+cdef class Engine:
+    """One event loop over epoll; one per worker process (or thread)."""
+
+    cdef int epfd
+    cdef int wake_r, wake_w
+    cdef Listener listeners[MAX_LISTENERS]
+    cdef int n_listeners
+    cdef Upstream upstreams[MAX_UPSTREAMS]
+    cdef int n_upstreams
+    cdef Conn* conns                  # doubly linked list of live connections
+    cdef Conn* dead                   # closed during the current batch, freed after it
+    cdef uint64_t n_conns
+    cdef uint64_t max_conns
+    cdef Counters ctr
+    cdef char* buf_pool[BUF_POOL_MAX]
+    cdef int n_bufs
+    cdef int pipe_pool[PIPE_POOL_MAX][2]
+    cdef int n_pipes
+    cdef int64_t now
+    cdef int64_t last_sweep
+    cdef int64_t accept_paused_until
+    cdef bint listeners_paused
+    cdef bint running
+    cdef bint finished
+    cdef int stop_requested
+    cdef int64_t drain_ms
+    cdef bint stopping
+    cdef int64_t drain_deadline
+    cdef bint fatal
+    cdef object on_close
+    cdef bint has_on_close
+    cdef object pending_exc
+    cdef list _keep                   # Python objects whose C pointers we hold (TLS contexts)
+
+    def __cinit__(self):
+        cdef int fds[2]
+        cdef epoll_event ev
+        self.epfd = -1
+        self.wake_r = -1
+        self.wake_w = -1
+        self.n_listeners = 0
+        self.n_upstreams = 0
+        self.conns = NULL
+        self.dead = NULL
+        self.n_bufs = 0
+        self.n_pipes = 0
+        memset(&self.ctr, 0, sizeof(Counters))
+        self._keep = []
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(fp_errno(), "epoll_create1: " + _os.strerror(fp_errno()))
+        if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+            raise OSError(fp_errno(), "pipe2: " + _os.strerror(fp_errno()))
+        self.wake_r = fds[0]
+        self.wake_w = fds[1]
+        ev.events = EPOLLIN
+        ev.data.u64 = TAG_WAKE
+        epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.wake_r, &ev)
+
+    def __init__(self, *, on_close=None, max_connections=100000):
+        """on_close(record) is called once per connection; record is the tuple
+        (listener, addr, port, protocol, reason, bytes_sent, bytes_received, start_wall,
+        duration, detail)."""
+        self.on_close = on_close
+        self.has_on_close = on_close is not None
+        self.max_conns = max_connections
+
+    def __dealloc__(self):
+        cdef int i
+        self._close_all_conns(R_SHUTDOWN, 0)
+        self._free_dead()
+        for i in range(self.n_listeners):
+            if self.listeners[i].fd >= 0:
+                close(self.listeners[i].fd)
+        for i in range(self.n_bufs):
+            free(self.buf_pool[i])
+        for i in range(self.n_pipes):
+            close(self.pipe_pool[i][0])
+            close(self.pipe_pool[i][1])
+        if self.wake_r >= 0:
+            close(self.wake_r)
+            close(self.wake_w)
+        if self.epfd >= 0:
+            close(self.epfd)
+
+    # ------------------------------------------------------------------ configuration (Python)
+
+    @property
+    def wakeup_fd(self):
+        """Write end of the wake pipe: fit for signal.set_wakeup_fd()."""
+        return self.wake_w
+
+    def add_upstream(self, int family, str host_or_path, int port=0):
+        """Register a broker address; returns its index. family: AF_INET, AF_INET6 or AF_UNIX."""
+        cdef Upstream* u
+        cdef sockaddr_in* a4
+        cdef sockaddr_in6* a6
+        cdef sockaddr_un* au
+        cdef bytes b = host_or_path.encode()
+        if self.n_upstreams >= MAX_UPSTREAMS:
+            raise ValueError("too many upstreams")
+        u = &self.upstreams[self.n_upstreams]
+        memset(u, 0, sizeof(Upstream))
+        u.family = family
+        if family == AF_INET:
+            a4 = <sockaddr_in*>&u.addr
+            a4.sin_family = AF_INET
+            a4.sin_port = htons(port)
+            if inet_pton(AF_INET, b, &a4.sin_addr) != 1:
+                raise ValueError(f"bad IPv4 address {host_or_path!r}")
+            u.addr_len = sizeof(sockaddr_in)
+        elif family == AF_INET6:
+            a6 = <sockaddr_in6*>&u.addr
+            a6.sin6_family = AF_INET6
+            a6.sin6_port = htons(port)
+            if inet_pton(AF_INET6, b, &a6.sin6_addr) != 1:
+                raise ValueError(f"bad IPv6 address {host_or_path!r}")
+            u.addr_len = sizeof(sockaddr_in6)
+        elif family == AF_UNIX:
+            au = <sockaddr_un*>&u.addr
+            au.sun_family = AF_UNIX
+            if len(b) >= sizeof(au.sun_path):
+                raise ValueError(f"unix socket path too long: {host_or_path!r}")
+            memcpy(au.sun_path, <char*>b, len(b))
+            u.addr_len = <socklen_t>(sizeof(sa_family_t) + len(b) + 1)
+        else:
+            raise ValueError(f"unsupported address family {family}")
+        self.n_upstreams += 1
+        return self.n_upstreams - 1
+
+    def add_listener(self, int fd, int upstream, *, tls=None, double handshake_timeout=10.0,
+                     double connect_timeout=5.0, double idle_timeout=60.0):
+        """Take ownership of a bound, listening socket fd; returns the listener index.
+        tls: a fastproxy._tls.TLSContext or None for plain TCP. Timeouts in seconds (0 = none)."""
+        cdef Listener* l
+        cdef epoll_event ev
+        if self.n_listeners >= MAX_LISTENERS:
+            raise ValueError("too many listeners")
+        if not (0 <= upstream < self.n_upstreams):
+            raise ValueError("unknown upstream index")
+        l = &self.listeners[self.n_listeners]
+        memset(l, 0, sizeof(Listener))
+        l.fd = fd
+        l.upstream = upstream
+        l.ssl_ctx = NULL
+        if tls is not None:
+            l.ssl_ctx = <SSL_CTX*>PyCapsule_GetPointer(tls.capsule(), b"fastproxy.SSL_CTX")
+            self._keep.append(tls)
+        l.handshake_timeout_ms = <int64_t>(handshake_timeout * 1000)
+        l.connect_timeout_ms = <int64_t>(connect_timeout * 1000)
+        l.idle_timeout_ms = <int64_t>(idle_timeout * 1000)
+        # Fix non-blocking here so accept4 in the loop can never block.
+        import fcntl
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _os.O_NONBLOCK)
+        # Level-triggered: a listener left with pending connections after ACCEPT_BATCH
+        # is reported again on the next wait.
+        ev.events = EPOLLIN
+        ev.data.u64 = (<uint64_t>self.n_listeners << 3) | TAG_LISTENER
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(fp_errno(), "epoll_ctl: " + _os.strerror(fp_errno()))
+        l.in_epoll = 1
+        self.n_listeners += 1
+        return self.n_listeners - 1
+
+    def stats(self):
+        """Counters of this engine (a snapshot; safe to call from another thread)."""
+        d = {
+            "accepted": self.ctr.accepted,
+            "active": self.ctr.active,
+            "closed": self.ctr.closed,
+            "handshakes": self.ctr.handshakes,
+            "bytes_from_clients": self.ctr.bytes_from_clients,
+            "bytes_to_clients": self.ctr.bytes_to_clients,
+            "accept_errors": self.ctr.accept_errors,
+            "live_buffers": self.ctr.live_bufs,
+            "live_pipes": self.ctr.live_pipes,
+            "pooled_buffers": self.n_bufs,
+            "pooled_pipes": self.n_pipes,
+        }
+        for i, (name, _) in enumerate(REASONS):
+            d["closed_" + name.replace("-", "_")] = self.ctr.reasons[i]
+        return d
+
+    def stop(self, double drain_timeout=0.0):
+        """Stop accepting and let sessions finish for drain_timeout seconds, then close the rest.
+        Thread-safe; a second call may shorten the drain (0 = now)."""
+        cdef char c = 1
+        self.drain_ms = <int64_t>(drain_timeout * 1000)
+        self.stop_requested += 1
+        write(self.wake_w, &c, 1)
+
+    def run(self):
+        """Run the loop in the calling thread until stop() completes. Releases the GIL."""
+        if self.running or self.finished:
+            raise RuntimeError("engine already running or finished")
+        self.running = True
+        try:
+            with nogil:
+                self._loop()
+        finally:
+            self.running = False
+            self.finished = True
+            self._close_all_conns(R_SHUTDOWN, 1)
+            self._free_dead()
+            self._close_listeners()
+        if self.pending_exc is not None:
+            exc, self.pending_exc = self.pending_exc, None
+            raise exc
+
+    # ------------------------------------------------------------------ the loop
+
+    cdef void _loop(self) noexcept nogil:
+        cdef epoll_event events[MAX_EVENTS]
+        cdef int n, i, timeout, tag
+        cdef uint64_t data
+        cdef Conn* c
+        cdef char drain[64]
+        self.now = fp_now_ms()
+        self.last_sweep = self.now
+        while not self.fatal:
+            timeout = -1 if (self.n_conns == 0 and not self.listeners_paused and not self.stopping) else SWEEP_MS
+            n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout)
+            self.now = fp_now_ms()
+            if n < 0:
+                if fp_errno() == EINTR:
+                    self._check_signals()
+                    n = 0
+                else:
+                    self._set_os_error(fp_errno())
+                    return
+            for i in range(n):
+                data = events[i].data.u64
+                tag = <int>(data & TAG_MASK)
+                if tag == TAG_LISTENER:
+                    self._accept(<int>(data >> 3))
+                elif tag == TAG_WAKE:
+                    while read(self.wake_r, drain, sizeof(drain)) > 0:
+                        pass
+                    self._check_signals()
+                else:
+                    c = <Conn*><uintptr_t>(data & ~(<uint64_t>TAG_MASK))
+                    if c.closed:
+                        continue
+                    self._on_event(c, tag, events[i].events)
+            self._free_dead()
+            if self.stop_requested and not self.stopping:
+                self.stopping = True
+                self._close_listeners()
+                self.drain_deadline = self.now + self.drain_ms
+            if self.stopping:
+                if self.now + self.drain_ms < self.drain_deadline:
+                    self.drain_deadline = self.now + self.drain_ms   # a later stop() shortened it
+                if self.n_conns == 0:
+                    return
+                if self.now >= self.drain_deadline:
+                    self._close_all_conns(R_SHUTDOWN, 1)
+                    self._free_dead()
+                    return
+            elif self.listeners_paused and self.n_conns < self.max_conns and self.now >= self.accept_paused_until:
+                self._resume_listeners()
+            if self.now - self.last_sweep >= SWEEP_MS:
+                self.last_sweep = self.now
+                self._sweep()
+                self._free_dead()
+
+    cdef void _on_event(self, Conn* c, int tag, uint32_t ev) noexcept nogil:
+        cdef Side* s = &c.cl if tag == TAG_CLIENT else &c.up
+        if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            s.readable = 1
+        if ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+            s.writable = 1
+        if c.state == ST_RELAY:
+            self._pump(c)
+        elif c.state == ST_HANDSHAKE:
+            if tag == TAG_CLIENT:
+                self._handshake(c)
+        elif c.state == ST_CONNECTING:
+            if tag == TAG_UPSTREAM and c.up.writable:
+                self._connected(c)
+            elif tag == TAG_CLIENT and (ev & (EPOLLHUP | EPOLLERR)):
+                self._end(c, R_CLIENT_RESET, 0)
+
+    # ------------------------------------------------------------------ accept
+
+    cdef void _accept(self, int li) noexcept nogil:
+        cdef Listener* l = &self.listeners[li]
+        cdef Conn* c
+        cdef int fd, k, err
+        cdef sockaddr_storage peer
+        cdef socklen_t plen
+        cdef epoll_event ev
+        for k in range(ACCEPT_BATCH):
+            if self.n_conns >= self.max_conns:
+                self._pause_listeners(0)
+                return
+            plen = sizeof(sockaddr_storage)
+            fd = accept4(l.fd, <sockaddr*>&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                err = fp_errno()
+                if err == EAGAIN:
+                    return
+                if err == EINTR or err == ECONNABORTED:
+                    continue
+                self.ctr.accept_errors += 1
+                if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
+                    # Out of descriptors or memory: stop accepting for a moment instead of
+                    # spinning on a level-triggered listener that stays readable.
+                    self._pause_listeners(ACCEPT_PAUSE_MS)
+                return
+            c = <Conn*>calloc(1, sizeof(Conn))
+            if c == NULL:
+                close(fd)
+                self.ctr.accept_errors += 1
+                return
+            c.listener = li
+            c.cl.fd = fd
+            c.up.fd = -1
+            c.c2u.pipe_r = c.c2u.pipe_w = -1
+            c.u2c.pipe_r = c.u2c.pipe_w = -1
+            c.peer = peer
+            c.peer_len = plen
+            c.t_wall = fp_wall_time()
+            c.t_mono = fp_mono_time()
+            c.active_ms = self.now
+            if peer.ss_family != AF_UNIX:
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &ONE, sizeof(int))
+            # link
+            c.next = self.conns
+            if self.conns != NULL:
+                self.conns.prev = c
+            self.conns = c
+            self.n_conns += 1
+            self.ctr.accepted += 1
+            self.ctr.active += 1
+            ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+            ev.data.u64 = _tag(c, TAG_CLIENT)
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+                self._end(c, R_INTERNAL, fp_errno())
+                continue
+            # Optimistic: the first bytes (ClientHello, CONNECT) often arrived with the ACK.
+            c.cl.readable = 1
+            c.cl.writable = 1
+            if l.ssl_ctx != NULL:
+                c.cl.ssl = SSL_new(l.ssl_ctx)
+                if c.cl.ssl == NULL or SSL_set_fd(c.cl.ssl, fd) != 1:
+                    ERR_clear_error()
+                    self._end(c, R_INTERNAL, ENOMEM)
+                    continue
+                SSL_set_accept_state(c.cl.ssl)
+                c.state = ST_HANDSHAKE
+                c.deadline_ms = self.now + l.handshake_timeout_ms if l.handshake_timeout_ms > 0 else 0
+                self._handshake(c)
+            else:
+                self._connect_upstream(c)
+
+    cdef void _pause_listeners(self, int64_t ms) noexcept nogil:
+        cdef int i
+        for i in range(self.n_listeners):
+            if self.listeners[i].in_epoll:
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.listeners[i].fd, NULL)
+                self.listeners[i].in_epoll = 0
+        self.listeners_paused = True
+        self.accept_paused_until = self.now + ms
+
+    cdef void _resume_listeners(self) noexcept nogil:
+        cdef int i
+        cdef epoll_event ev
+        for i in range(self.n_listeners):
+            if not self.listeners[i].in_epoll and self.listeners[i].fd >= 0:
+                ev.events = EPOLLIN
+                ev.data.u64 = (<uint64_t>i << 3) | TAG_LISTENER
+                if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.listeners[i].fd, &ev) == 0:
+                    self.listeners[i].in_epoll = 1
+        self.listeners_paused = False
+
+    cdef void _close_listeners(self) noexcept nogil:
+        # Closing (not just pausing) lets the kernel hand new connections to the other
+        # SO_REUSEPORT workers, or refuse them when this is the last one.
+        cdef int i
+        for i in range(self.n_listeners):
+            if self.listeners[i].fd >= 0:
+                close(self.listeners[i].fd)
+                self.listeners[i].fd = -1
+                self.listeners[i].in_epoll = 0
+        self.listeners_paused = False
+
+    # ------------------------------------------------------------------ TLS handshake
+
+    cdef void _handshake(self, Conn* c) noexcept nogil:
+        cdef int r, err
+        if not c.cl.readable and not c.cl.writable:
+            return
+        ERR_clear_error()
+        r = SSL_do_handshake(c.cl.ssl)
+        if r == 1:
+            c.handshake_done = 1
+            self.ctr.handshakes += 1
+            self._connect_upstream(c)
+            return
+        err = SSL_get_error(c.cl.ssl, r)
+        if err == SSL_ERROR_WANT_READ:
+            c.cl.readable = 0
+        elif err == SSL_ERROR_WANT_WRITE:
+            c.cl.writable = 0
+        else:
+            c.ssl_fatal = 1
+            c.ssl_err = ERR_peek_error()
+            c.verify_result = SSL_get_verify_result(c.cl.ssl)
+            ERR_clear_error()
+            self._end(c, R_HANDSHAKE_FAILED, fp_errno() if err == SSL_ERROR_SYSCALL else 0)
+
+    # ------------------------------------------------------------------ upstream connect
+
+    cdef void _connect_upstream(self, Conn* c) noexcept nogil:
+        cdef Listener* l = &self.listeners[c.listener]
+        cdef Upstream* u = &self.upstreams[l.upstream]
+        cdef int fd, r, err
+        cdef epoll_event ev
+        fd = socket(u.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            self._end(c, R_INTERNAL, fp_errno())
+            return
+        c.up.fd = fd
+        if u.family != AF_UNIX:
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &ONE, sizeof(int))
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+        ev.data.u64 = _tag(c, TAG_UPSTREAM)
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            self._end(c, R_INTERNAL, fp_errno())
+            return
+        r = connect(fd, <sockaddr*>&u.addr, u.addr_len)
+        if r == 0:
+            self._start_relay(c)
+            return
+        err = fp_errno()
+        if err == EINPROGRESS:
+            c.state = ST_CONNECTING
+            c.deadline_ms = self.now + l.connect_timeout_ms if l.connect_timeout_ms > 0 else 0
+            return
+        self._end(c, self._connect_reason(err), err)
+
+    cdef int _connect_reason(self, int err) noexcept nogil:
+        if err == ENETUNREACH or err == EHOSTUNREACH:
+            return R_UPSTREAM_UNREACHABLE
+        if err == ETIMEDOUT:
+            return R_UPSTREAM_TIMEOUT
+        if err == EADDRNOTAVAIL or err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
+            return R_INTERNAL
+        # ECONNREFUSED, and for unix sockets ENOENT / EAGAIN (backlog full)
+        return R_UPSTREAM_REFUSED
+
+    cdef void _connected(self, Conn* c) noexcept nogil:
+        cdef int err = 0
+        cdef socklen_t len = sizeof(int)
+        if getsockopt(c.up.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0:
+            err = fp_errno()
+        if err != 0:
+            self._end(c, self._connect_reason(err), err)
+            return
+        self._start_relay(c)
+
+    cdef void _start_relay(self, Conn* c) noexcept nogil:
+        c.state = ST_RELAY
+        c.deadline_ms = 0
+        c.active_ms = self.now
+        # Optimistic readiness: bytes may already wait in the kernel (or in OpenSSL, read
+        # together with the handshake's last record) and no new edge will announce them.
+        c.cl.readable = 1
+        c.up.readable = 1
+        c.up.writable = 1
+        c.use_splice = c.cl.ssl == NULL and c.up.ssl == NULL
+        self._pump(c)
+
+    # ------------------------------------------------------------------ relay
+
+    cdef void _pump(self, Conn* c) noexcept nogil:
+        cdef int r
+        r = self._pump_dir(c, &c.cl, &c.up, &c.c2u, 1)
+        if r < 0:
+            self._end_io(c, r, 1)
+            return
+        r = self._pump_dir(c, &c.up, &c.cl, &c.u2c, 0)
+        if r < 0:
+            self._end_io(c, r, 0)
+            return
+        if c.up.shut_wr and c.cl.shut_wr:
+            self._end(c, R_OK, 0)
+
+    cdef void _end_io(self, Conn* c, int r, bint c2u) noexcept nogil:
+        # r == -1: the source side failed; -2: the destination side; -3: out of resources.
+        cdef bint client_side
+        cdef int err = fp_errno()
+        if r == -3:
+            self._end(c, R_INTERNAL, ENOMEM)
+            return
+        client_side = (r == -1) == c2u
+        if client_side:
+            if c.cl.ssl != NULL:
+                c.ssl_fatal = 1
+                c.ssl_err = ERR_peek_error()
+                ERR_clear_error()
+            self._end(c, R_CLIENT_RESET, err)
+        else:
+            self._end(c, R_UPSTREAM_RESET, err)
+
+    cdef int _pump_dir(self, Conn* c, Side* src, Side* dst, Dir* d, bint c2u) noexcept nogil:
+        """Move bytes src -> dst until neither can progress. Returns 0, or -1 (src failed),
+        -2 (dst failed), -3 (no buffer). Propagates src's EOF once everything is flushed."""
+        cdef ssize_t n
+        cdef bint progressed
+        cdef int err
+        cdef size_t room
+        if dst.shut_wr:
+            return 0
+        while True:
+            progressed = False
+            # 1. flush what we hold
+            if dst.writable:
+                if d.pipe_bytes:
+                    n = splice(d.pipe_r, NULL, dst.fd, NULL, d.pipe_bytes, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                    if n > 0:
+                        d.pipe_bytes -= <uint32_t>n
+                        progressed = True
+                        if not c2u:
+                            c.bytes_out += <uint64_t>n
+                    elif n < 0:
+                        err = fp_errno()
+                        if err == EAGAIN:
+                            dst.writable = 0
+                        elif err != EINTR:
+                            return -2
+                elif d.end > d.start:
+                    n = side_write(dst, d.buf + d.start, d.end - d.start)
+                    if n > 0:
+                        d.start += <uint32_t>n
+                        if d.start == d.end:
+                            d.start = d.end = 0
+                        progressed = True
+                        if not c2u:
+                            c.bytes_out += <uint64_t>n
+                    elif n == IO_ERR:
+                        return -2
+            # 2. read more while there is room
+            if src.readable and not src.eof:
+                if c.use_splice and not d.no_splice and d.end == d.start:
+                    if d.pipe_r < 0 and not self._pipe_get(d):
+                        d.no_splice = 1     # out of descriptors: copy through a buffer instead
+                        continue
+                    room = PIPE_CAP - d.pipe_bytes
+                    if room > 0:
+                        n = splice(src.fd, NULL, d.pipe_w, NULL, room, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                        if n > 0:
+                            d.pipe_bytes += <uint32_t>n
+                            progressed = True
+                            if c2u:
+                                c.bytes_in += <uint64_t>n
+                        elif n == 0:
+                            src.eof = 1
+                            progressed = True
+                        else:
+                            err = fp_errno()
+                            if err == EAGAIN:
+                                # EAGAIN with bytes in the pipe may mean the pipe is out of
+                                # slots, not that the socket is drained: keep the readiness.
+                                if d.pipe_bytes == 0:
+                                    src.readable = 0
+                            elif err != EINTR:
+                                return -1
+                else:
+                    if d.buf == NULL:
+                        d.buf = self._buf_get()
+                        if d.buf == NULL:
+                            return -3
+                    room = RELAY_BUF - d.end
+                    if room > 0:
+                        n = side_read(src, d.buf + d.end, room)
+                        if n > 0:
+                            d.end += <uint32_t>n
+                            progressed = True
+                            if c2u:
+                                c.bytes_in += <uint64_t>n
+                        elif n == IO_EOF:
+                            src.eof = 1
+                            progressed = True
+                        elif n == IO_ERR:
+                            return -1
+            if not progressed:
+                break
+            c.active_ms = self.now
+        # Idle directions give their buffer / pipe back to the pool.
+        if d.buf != NULL and d.end == d.start:
+            self._buf_put(d.buf)
+            d.buf = NULL
+            d.start = d.end = 0
+        if d.pipe_r >= 0 and d.pipe_bytes == 0:
+            self._pipe_put(d)
+        if src.eof and d.end == d.start and d.pipe_bytes == 0:
+            side_shutdown_write(dst)
+        return 0
+
+    # ------------------------------------------------------------------ pools
+
+    cdef char* _buf_get(self) noexcept nogil:
+        cdef char* b
+        if self.n_bufs > 0:
+            self.n_bufs -= 1
+            b = self.buf_pool[self.n_bufs]
+        else:
+            b = <char*>malloc(RELAY_BUF)
+            if b == NULL:
+                return NULL
+        self.ctr.live_bufs += 1
+        return b
+
+    cdef void _buf_put(self, char* b) noexcept nogil:
+        self.ctr.live_bufs -= 1
+        if self.n_bufs < BUF_POOL_MAX:
+            self.buf_pool[self.n_bufs] = b
+            self.n_bufs += 1
+        else:
+            free(b)
+
+    cdef bint _pipe_get(self, Dir* d) noexcept nogil:
+        cdef int fds[2]
+        if self.n_pipes > 0:
+            self.n_pipes -= 1
+            d.pipe_r = self.pipe_pool[self.n_pipes][0]
+            d.pipe_w = self.pipe_pool[self.n_pipes][1]
+        else:
+            if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+                return False
+            d.pipe_r = fds[0]
+            d.pipe_w = fds[1]
+        d.pipe_bytes = 0
+        self.ctr.live_pipes += 1
+        return True
+
+    cdef void _pipe_put(self, Dir* d) noexcept nogil:
+        self.ctr.live_pipes -= 1
+        # A pipe still holding bytes (connection cut mid-transfer) is never reused.
+        if d.pipe_bytes == 0 and self.n_pipes < PIPE_POOL_MAX:
+            self.pipe_pool[self.n_pipes][0] = d.pipe_r
+            self.pipe_pool[self.n_pipes][1] = d.pipe_w
+            self.n_pipes += 1
+        else:
+            close(d.pipe_r)
+            close(d.pipe_w)
+        d.pipe_r = d.pipe_w = -1
+        d.pipe_bytes = 0
+
+    # ------------------------------------------------------------------ timeouts, ending
+
+    cdef void _sweep(self) noexcept nogil:
+        cdef Conn* c = self.conns
+        cdef Conn* nxt
+        cdef int64_t idle
+        while c != NULL:
+            nxt = c.next
+            if c.state == ST_RELAY:
+                idle = self.listeners[c.listener].idle_timeout_ms
+                if idle > 0 and self.now - c.active_ms >= idle:
+                    self._end(c, R_IDLE_TIMEOUT, 0)
+            elif c.deadline_ms and self.now >= c.deadline_ms:
+                if c.state == ST_HANDSHAKE:
+                    self._end(c, R_HANDSHAKE_TIMEOUT, 0)
+                elif c.state == ST_CONNECTING:
+                    self._end(c, R_UPSTREAM_TIMEOUT, ETIMEDOUT)
+            c = nxt
+
+    cdef void _end(self, Conn* c, int reason, int err) noexcept nogil:
+        """Close both sides, report the record to Python, and queue c for freeing."""
+        if c.closed:
+            return
+        c.closed = 1
+        c.reason = reason
+        c.err = err
+        self.ctr.reasons[reason] += 1
+        if self.has_on_close:
+            self._report(c)
+        if c.cl.ssl != NULL:
+            if c.handshake_done and not c.ssl_fatal and not c.cl.shut_wr:
+                ERR_clear_error()
+                SSL_shutdown(c.cl.ssl)     # best-effort close_notify
+            ERR_clear_error()
+            SSL_free(c.cl.ssl)
+            c.cl.ssl = NULL
+        if c.cl.fd >= 0:
+            _discard_input(c.cl.fd)
+            close(c.cl.fd)
+            c.cl.fd = -1
+        if c.up.fd >= 0:
+            close(c.up.fd)
+            c.up.fd = -1
+        if c.c2u.buf != NULL:
+            self._buf_put(c.c2u.buf)
+            c.c2u.buf = NULL
+        if c.u2c.buf != NULL:
+            self._buf_put(c.u2c.buf)
+            c.u2c.buf = NULL
+        if c.c2u.pipe_r >= 0:
+            self._pipe_put(&c.c2u)
+        if c.u2c.pipe_r >= 0:
+            self._pipe_put(&c.u2c)
+        # unlink from the live list, onto the dead list
+        if c.prev != NULL:
+            c.prev.next = c.next
+        else:
+            self.conns = c.next
+        if c.next != NULL:
+            c.next.prev = c.prev
+        c.state = ST_CLOSED
+        c.next = self.dead
+        c.prev = NULL
+        self.dead = c
+        self.n_conns -= 1
+        self.ctr.active -= 1
+        self.ctr.closed += 1
+
+    cdef void _free_dead(self) noexcept nogil:
+        cdef Conn* c = self.dead
+        cdef Conn* nxt
+        while c != NULL:
+            nxt = c.next
+            free(c)
+            c = nxt
+        self.dead = NULL
+
+    cdef void _close_all_conns(self, int reason, bint report) noexcept nogil:
+        cdef Conn* c
+        if not report:
+            self.has_on_close = False
+        while self.conns != NULL:
+            c = self.conns
+            self._end(c, reason, 0)
+
+    # ------------------------------------------------------------------ Python boundary
+
+    cdef void _report(self, Conn* c) noexcept with gil:
+        # Called once per connection. An exception from the callback stops the loop and is
+        # re-raised by run(): no Python exception unwinds through the C loop.
+        if self.fatal:
+            return
+        try:
+            self.on_close(self._record(c))
+        except BaseException as e:
+            self.pending_exc = e
+            self.fatal = True
+
+    cdef object _record(self, Conn* c):
+        cdef char host[64]
+        cdef int port = 0
+        cdef sockaddr_in* a4
+        cdef sockaddr_in6* a6
+        cdef char errbuf[160]
+        host[0] = 0
+        if c.peer.ss_family == AF_INET:
+            a4 = <sockaddr_in*>&c.peer
+            inet_ntop(AF_INET, &a4.sin_addr, host, sizeof(host))
+            port = ntohs(a4.sin_port)
+        elif c.peer.ss_family == AF_INET6:
+            a6 = <sockaddr_in6*>&c.peer
+            inet_ntop(AF_INET6, &a6.sin6_addr, host, sizeof(host))
+            port = ntohs(a6.sin6_port)
+        if c.cl.ssl != NULL:
+            protocol = SSL_get_version(c.cl.ssl).decode() if c.handshake_done else "TLS"
+        else:
+            protocol = "TCP"
+        detail = None
+        if c.ssl_err:
+            ERR_error_string_n(c.ssl_err, errbuf, sizeof(errbuf))
+            detail = errbuf.decode("utf-8", "replace")
+            if c.verify_result != X509_V_OK:
+                detail += " (certificate: " + X509_verify_cert_error_string(c.verify_result).decode() + ")"
+        elif c.err:
+            detail = _os.strerror(c.err)
+        return (c.listener, host.decode(), port, protocol, c.reason, c.bytes_out, c.bytes_in,
+                c.t_wall, fp_mono_time() - c.t_mono, detail)
+
+    cdef void _check_signals(self) noexcept with gil:
+        # Runs Python-level signal handlers (they may call stop()); KeyboardInterrupt from the
+        # default SIGINT handler ends the loop and is re-raised by run().
+        try:
+            PyErr_CheckSignals()
+        except BaseException as e:
+            self.pending_exc = e
+            self.fatal = True
+
+    cdef void _set_os_error(self, int err) noexcept with gil:
+        self.pending_exc = OSError(err, _os.strerror(err))
+        self.fatal = True
+
+
+def openssl_version():
+    return OpenSSL_version(OPENSSL_VERSION).decode()

@@ -1,0 +1,59 @@
+/* Platform glue for the compiled engine: Linux only (epoll, splice, accept4). */
+#ifndef FASTPROXY_COMPAT_H
+#define FASTPROXY_COMPAT_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef SPLICE_F_MOVE
+#define SPLICE_F_MOVE 1
+#define SPLICE_F_NONBLOCK 2
+#endif
+#ifndef F_GETPIPE_SZ
+#define F_GETPIPE_SZ 1032
+#endif
+
+/* errno is a macro (a thread-local lvalue); Cython reads it through this. */
+static inline int fp_errno(void) { return errno; }
+
+/* Monotonic milliseconds; the coarse clock is a vDSO read and precise enough for timeouts. */
+static inline int64_t fp_now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static inline double fp_wall_time(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static inline double fp_mono_time(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+#ifdef FASTPROXY_DEBUG
+#define FP_DEBUG 1
+#else
+#define FP_DEBUG 0
+#endif
+
+#endif

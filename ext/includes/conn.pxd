@@ -1,0 +1,129 @@
+# Types of the compiled engine (cimported by _engine.pyx): connection state machine, relay directions, counters.
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, uintptr_t
+from system cimport sockaddr_storage, socklen_t, epoll_event
+from openssl cimport SSL, SSL_CTX
+
+cdef enum:
+    RELAY_BUF = 16384          # bytes per direction buffer (one TLS record of plaintext)
+    PIPE_CAP = 65536           # bytes we let sit in a splice pipe (the default pipe size)
+    MAX_EVENTS = 256
+    MAX_LISTENERS = 64
+    MAX_UPSTREAMS = 256
+    SWEEP_MS = 250             # timeout granularity
+    ACCEPT_BATCH = 64          # accepts per wakeup per listener, for fairness with relaying
+    BUF_POOL_MAX = 64
+    PIPE_POOL_MAX = 64
+    ACCEPT_PAUSE_MS = 1000     # after EMFILE/ENFILE
+
+# Tags in the low bits of epoll_event.data (Conn* is 16-byte aligned by malloc).
+cdef enum:
+    TAG_CLIENT = 0
+    TAG_UPSTREAM = 1
+    TAG_LISTENER = 2
+    TAG_WAKE = 3
+    TAG_MASK = 7
+
+# Connection states. Transitions:
+#   accept ──TLS──▶ HANDSHAKE ──done──▶ CONNECTING ──SO_ERROR 0──▶ RELAY ──both EOFs flushed──▶ CLOSED
+#   accept ──plain─────────────────────▶ CONNECTING
+#   any ──error / timeout / shutdown──▶ CLOSED (freed after the current epoll batch)
+cdef enum ConnState:
+    ST_NEW = 0
+    ST_HANDSHAKE = 1
+    ST_CONNECTING = 2
+    ST_RELAY = 3
+    ST_CLOSED = 4
+
+# Why a connection ended; names and log status codes are in _engine.pyx REASONS.
+cdef enum EndReason:
+    R_OK = 0
+    R_IDLE_TIMEOUT
+    R_CLIENT_RESET
+    R_UPSTREAM_RESET
+    R_HANDSHAKE_FAILED
+    R_HANDSHAKE_TIMEOUT
+    R_DENIED
+    R_INTERNAL
+    R_UPSTREAM_REFUSED
+    R_UPSTREAM_UNREACHABLE
+    R_SHUTDOWN
+    R_UPSTREAM_TIMEOUT
+    R_COUNT
+
+# Results of one read or write on a side.
+cdef enum:
+    IO_AGAIN = -1
+    IO_EOF = -2
+    IO_ERR = -3
+
+cdef struct Side:
+    int fd
+    SSL* ssl
+    uint8_t readable        # edge-triggered readiness we have not consumed yet
+    uint8_t writable
+    uint8_t eof             # read side saw EOF / close_notify
+    uint8_t shut_wr         # we propagated EOF to this side
+
+cdef struct Dir:
+    # Bytes read from one side not yet written to the other: either in a pooled buffer
+    # (TLS on a side) or in a pooled pipe (splice, plain on both sides).
+    char* buf
+    uint32_t start
+    uint32_t end
+    int pipe_r
+    int pipe_w
+    uint32_t pipe_bytes
+    uint8_t no_splice
+
+cdef struct Conn:
+    Conn* prev
+    Conn* next
+    int state
+    int listener
+    int reason
+    int err                 # errno of the failure that ended the session, if any
+    unsigned long ssl_err   # first OpenSSL error of a failed handshake
+    long verify_result
+    uint8_t handshake_done
+    uint8_t ssl_fatal       # no SSL_shutdown after a fatal error
+    uint8_t use_splice
+    uint8_t closed
+    Side cl
+    Side up
+    Dir c2u
+    Dir u2c
+    uint64_t bytes_in       # from the client
+    uint64_t bytes_out      # to the client
+    int64_t deadline_ms     # end of the current phase (handshake, connect)
+    int64_t active_ms       # last relayed byte (idle timeout)
+    double t_wall
+    double t_mono
+    sockaddr_storage peer
+    socklen_t peer_len
+
+cdef struct Listener:
+    int fd
+    uint8_t in_epoll
+    SSL_CTX* ssl_ctx
+    int upstream
+    int64_t handshake_timeout_ms
+    int64_t connect_timeout_ms
+    int64_t idle_timeout_ms
+
+cdef struct Upstream:
+    sockaddr_storage addr
+    socklen_t addr_len
+    int family
+
+cdef struct Counters:
+    uint64_t accepted
+    uint64_t active
+    uint64_t closed
+    uint64_t handshakes
+    uint64_t bytes_from_clients
+    uint64_t bytes_to_clients
+    uint64_t accept_errors
+    uint64_t reasons[<int>R_COUNT]
+    # debug builds: live resources, asserted zero by the tests at teardown
+    uint64_t live_bufs
+    uint64_t live_pipes

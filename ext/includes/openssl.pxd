@@ -1,0 +1,106 @@
+# Declarations of the OpenSSL (>= 1.1.1, tested with 3.0) C API used by _tls and _engine, all nogil.
+# Macros such as SSL_CTX_set_mode are declared as functions; Cython emits the macro call.
+
+cdef extern from "openssl/ssl.h" nogil:
+    ctypedef struct SSL_CTX
+    ctypedef struct SSL
+    ctypedef struct SSL_METHOD
+    ctypedef struct SSL_SESSION
+    ctypedef struct X509
+    ctypedef struct X509_NAME
+    ctypedef struct X509_STORE
+    ctypedef struct X509_STORE_CTX
+    ctypedef struct EVP_PKEY
+    ctypedef struct BIO
+    ctypedef struct stack_st_X509_NAME "STACK_OF(X509_NAME)"
+
+    const SSL_METHOD* TLS_server_method()
+    SSL_CTX* SSL_CTX_new(const SSL_METHOD* meth)
+    void SSL_CTX_free(SSL_CTX* ctx)
+    int SSL_CTX_up_ref(SSL_CTX* ctx)
+    int SSL_CTX_use_certificate_chain_file(SSL_CTX* ctx, const char* file)
+    int SSL_CTX_use_PrivateKey_file(SSL_CTX* ctx, const char* file, int type)
+    int SSL_CTX_check_private_key(const SSL_CTX* ctx)
+    ctypedef int (*pem_password_cb)(char* buf, int size, int rwflag, void* userdata)
+    void SSL_CTX_set_default_passwd_cb(SSL_CTX* ctx, pem_password_cb cb)
+    void SSL_CTX_set_default_passwd_cb_userdata(SSL_CTX* ctx, void* u)
+    int SSL_CTX_set_min_proto_version(SSL_CTX* ctx, int version)
+    int SSL_CTX_set_cipher_list(SSL_CTX* ctx, const char* s)
+    int SSL_CTX_set_ciphersuites(SSL_CTX* ctx, const char* s)
+    unsigned long SSL_CTX_set_options(SSL_CTX* ctx, unsigned long op)
+    long SSL_CTX_set_mode(SSL_CTX* ctx, long mode)
+    long SSL_CTX_set_session_cache_mode(SSL_CTX* ctx, long mode)
+    int SSL_CTX_set_session_id_context(SSL_CTX* ctx, const unsigned char* sid_ctx, unsigned int len)
+    int SSL_CTX_set_num_tickets(SSL_CTX* ctx, size_t num)
+    int SSL_CTX_load_verify_locations(SSL_CTX* ctx, const char* CAfile, const char* CApath)
+    ctypedef int (*verify_cb)(int ok, X509_STORE_CTX* ctx)
+    void SSL_CTX_set_verify(SSL_CTX* ctx, int mode, verify_cb cb)
+    void SSL_CTX_set_verify_depth(SSL_CTX* ctx, int depth)
+    stack_st_X509_NAME* SSL_load_client_CA_file(const char* file)
+    void SSL_CTX_set_client_CA_list(SSL_CTX* ctx, stack_st_X509_NAME* list)
+    X509_STORE* SSL_CTX_get_cert_store(const SSL_CTX* ctx)
+    ctypedef int (*alpn_select_cb_t)(SSL* ssl, const unsigned char** out, unsigned char* outlen,
+                                     const unsigned char* inp, unsigned int inlen, void* arg)
+    void SSL_CTX_set_alpn_select_cb(SSL_CTX* ctx, alpn_select_cb_t cb, void* arg)
+    int SSL_select_next_proto(unsigned char** out, unsigned char* outlen, const unsigned char* server,
+                              unsigned int server_len, const unsigned char* client, unsigned int client_len)
+
+    SSL* SSL_new(SSL_CTX* ctx)
+    void SSL_free(SSL* ssl)
+    int SSL_set_fd(SSL* ssl, int fd)
+    void SSL_set_accept_state(SSL* ssl)
+    int SSL_do_handshake(SSL* ssl)
+    int SSL_read(SSL* ssl, void* buf, int num)
+    int SSL_write(SSL* ssl, const void* buf, int num)
+    int SSL_pending(const SSL* ssl)
+    int SSL_get_error(const SSL* ssl, int ret)
+    int SSL_shutdown(SSL* ssl)
+    void SSL_set_quiet_shutdown(SSL* ssl, int mode)
+    const char* SSL_get_version(const SSL* ssl)
+    const char* SSL_get_cipher_name(const SSL* ssl)
+    void SSL_get0_alpn_selected(const SSL* ssl, const unsigned char** data, unsigned int* len)
+    X509* SSL_get_peer_certificate(const SSL* ssl)
+    long SSL_get_verify_result(const SSL* ssl)
+    const char* SSL_get_servername(const SSL* ssl, int type)
+    int SSL_free_buffers(SSL* ssl)
+
+    int SSL_ERROR_NONE, SSL_ERROR_SSL, SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE
+    int SSL_ERROR_SYSCALL, SSL_ERROR_ZERO_RETURN
+    int SSL_FILETYPE_PEM
+    int TLS1_2_VERSION, TLS1_3_VERSION
+    long SSL_MODE_ENABLE_PARTIAL_WRITE, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, SSL_MODE_RELEASE_BUFFERS
+    unsigned long SSL_OP_NO_RENEGOTIATION, SSL_OP_NO_COMPRESSION, SSL_OP_CIPHER_SERVER_PREFERENCE
+    long SSL_SESS_CACHE_SERVER, SSL_SESS_CACHE_OFF
+    int SSL_VERIFY_NONE, SSL_VERIFY_PEER, SSL_VERIFY_FAIL_IF_NO_PEER_CERT
+    int SSL_TLSEXT_ERR_OK, SSL_TLSEXT_ERR_NOACK
+    int OPENSSL_NPN_NEGOTIATED
+    int TLSEXT_NAMETYPE_host_name
+
+cdef extern from "openssl/x509.h" nogil:
+    X509_NAME* X509_get_subject_name(const X509* x)
+    int X509_NAME_get_text_by_NID(X509_NAME* name, int nid, char* buf, int len)
+    void X509_free(X509* x)
+    int NID_commonName
+    int X509_V_OK
+    const char* X509_verify_cert_error_string(long n)
+    int X509_STORE_CTX_get_error(X509_STORE_CTX* ctx)
+    int X509_STORE_set_flags(X509_STORE* st, unsigned long flags)
+    unsigned long X509_V_FLAG_CRL_CHECK, X509_V_FLAG_CRL_CHECK_ALL
+    int X509_STORE_load_file(X509_STORE* st, const char* file)
+
+cdef extern from "openssl/crypto.h" nogil:
+    const char* OpenSSL_version(int t)
+    int OPENSSL_VERSION
+
+cdef extern from "openssl/err.h" nogil:
+    unsigned long ERR_get_error()
+    unsigned long ERR_peek_error()
+    unsigned long ERR_peek_last_error()
+    void ERR_clear_error()
+    void ERR_error_string_n(unsigned long e, char* buf, size_t len)
+    const char* ERR_reason_error_string(unsigned long e)
+    int ERR_GET_REASON(unsigned long e)
+
+cdef extern from "ssl_compat.h" nogil:
+    unsigned long SSL_OP_IGNORE_UNEXPECTED_EOF
+    X509* SSL_get1_peer_certificate(const SSL* ssl)

@@ -1,0 +1,22 @@
+"""Typed interface of the compiled TLS context module (ext/_tls.pyx)."""
+
+def openssl_version() -> str: ...
+
+class TLSContext:
+    verify: str
+    has_client_ca: bool
+    def __init__(
+        self,
+        cert: str,
+        key: str,
+        *,
+        min_version: str = ...,
+        ciphers: str = ...,
+        ciphersuites: str | None = ...,
+        client_ca: str | None = ...,
+        verify: str = ...,
+        verify_depth: int = ...,
+        crl: str | None = ...,
+        num_tickets: int = ...,
+    ) -> None: ...
+    def capsule(self) -> object: ...

@@ -1,0 +1,144 @@
+"""The `fastproxy` command: serve, check, version.
+
+Every listener/global setting has one flag and one config-file key (`--tls-cert` is
+`tls_cert`); the flag names spelled out in the issues are a contract and must not change.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+from . import __version__
+from .config import Config, build_config, flag_for, load_config
+from .errors import ConfigError, FastproxyError
+
+# Flags that map to config keys; the dest is the key name.
+_VALUE_FLAGS: list[tuple[str, str, str]] = [
+    # (key, metavar, help)
+    ("upstream", "ADDR", "broker address: host:port or unix:/path (file key: upstream)"),
+    ("tls_cert", "FILE", "server certificate (full chain, PEM); enables TLS on the listener"),
+    ("tls_key", "FILE", "server private key (PEM, unencrypted)"),
+    ("tls_min_version", "VER", "TLSv1.2 (default) or TLSv1.3"),
+    ("tls_ciphers", "LIST", "OpenSSL cipher list for TLS 1.2 (default HIGH:!aNULL:!MD5)"),
+    ("tls_ciphersuites", "LIST", "TLS 1.3 cipher suites (default: OpenSSL's)"),
+    ("client_ca", "FILE|DIR", "CA certificate(s) that sign client certificates (enables mutual TLS)"),
+    ("verify", "MODE", "client certificates: required (default with --client-ca), optional or none"),
+    ("verify_depth", "N", "maximum client certificate chain depth (default 1)"),
+    ("crl", "FILE", "certificate revocation list (PEM) checked for client certificates"),
+    ("upstream_connect_timeout", "DUR", "timeout for connecting to the broker (default 5s)"),
+    ("handshake_timeout", "DUR", "TLS handshake timeout (default 10s)"),
+    ("idle_timeout", "DUR", "close a session idle in both directions this long (default 60s)"),
+    ("backlog", "N", "listen backlog (default 4096)"),
+    ("name", "NAME", "listener name used in logs"),
+    ("workers", "N|auto", "worker processes sharing the port with SO_REUSEPORT (default 1)"),
+    ("drain_timeout", "DUR", "on SIGTERM/SIGINT, let sessions finish this long (default 10s)"),
+    ("access_log", "PATH|-|off", "access log file, '-' for stdout, 'off' (default -)"),
+    ("error_log", "PATH|-", "error log file, '-' for stderr (default -)"),
+    ("log_level", "LEVEL", "debug, info, warning or error (default info)"),
+    ("max_connections", "N", "per-worker connection limit (default 100000)"),
+]
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument(
+        "--listen",
+        metavar="ADDR",
+        action="append",
+        help="address to listen on, host:port (repeatable; file key: listen)",
+    )
+    for key, metavar, help_ in _VALUE_FLAGS:
+        p.add_argument(flag_for(key), dest=key, metavar=metavar, help=help_)
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if ns.listen:
+        out["listen"] = ns.listen if len(ns.listen) > 1 else ns.listen[0]
+    for key, _, _ in _VALUE_FLAGS:
+        v = getattr(ns, key, None)
+        if v is not None:
+            out[key] = v
+    return out
+
+
+def config_from_args(ns: argparse.Namespace) -> Config:
+    """A Config from -c FILE and/or flags; flags override the file's top-level keys."""
+    over = _overrides(ns)
+    if ns.config:
+        return load_config(ns.config, over)
+    return build_config(over)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastproxy",
+        description="A fast, MQTT-aware TLS front end for MQTT brokers.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the proxy")
+    _add_serve_flags(serve)
+    check = sub.add_parser("check", help="validate a configuration (like nginx -t)")
+    _add_serve_flags(check)
+    sub.add_parser("version", help="print versions and whether the compiled engine is loaded")
+    return p
+
+
+def _cmd_version() -> int:
+    import platform
+
+    from .tls import openssl_version
+
+    try:
+        from . import _engine  # noqa: F401
+
+        engine = "compiled engine loaded (fastproxy._engine)"
+    except ImportError as e:  # pragma: no cover - only on a broken install
+        engine = f"compiled engine NOT loaded: {e}"
+    print(f"fastproxy {__version__}")
+    print(f"Python {platform.python_version()} ({platform.python_implementation()}, {platform.machine()})")
+    print(f"OpenSSL {openssl_version()}")
+    print(engine)
+    return 0
+
+
+def _cmd_check(cfg: Config) -> int:
+    from .server import check_config
+
+    for warning in check_config(cfg):
+        print(f"fastproxy: warning: {warning}", file=sys.stderr)
+    print(f"fastproxy: configuration {cfg.source} is ok ({len(cfg.listeners)} listener(s))")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    if ns.command == "version":
+        return _cmd_version()
+    try:
+        cfg = config_from_args(ns)
+        if ns.command == "check":
+            return _cmd_check(cfg)
+        from .server import serve
+
+        return serve(cfg)
+    except ConfigError as e:
+        print(f"fastproxy: configuration error: {e}", file=sys.stderr)
+        return 2
+    except FastproxyError as e:
+        print(f"fastproxy: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"fastproxy: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""Configuration: the typed model, TOML loading and validation.
+
+Flags and file keys map one to one: `--tls-cert` is `tls_cert`. A file holds either one
+listener described by top-level keys (exactly what the flags describe) or several
+`[[listener]]` tables; top-level listener keys are then defaults for every table.
+Every error names the file (or "command line"), the key path and the problem.
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import sys
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from . import constants as C
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CLI_SOURCE = "command line"
+
+
+@dataclass(frozen=True)
+class Address:
+    """A TCP endpoint (host is an IP literal after resolution) or a unix socket path."""
+
+    host: str = ""
+    port: int = 0
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    @property
+    def family(self) -> int:
+        import socket
+
+        if self.path is not None:
+            return socket.AF_UNIX
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.path is not None:
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """One listening address set with its TLS settings and upstream."""
+
+    listen: tuple[Address, ...]
+    upstream: Address
+    name: str = ""
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_min_version: str = C.TLS_MIN_VERSION
+    tls_ciphers: str = C.TLS_CIPHERS
+    tls_ciphersuites: str | None = None
+    client_ca: str | None = None
+    verify: str = "none"
+    verify_depth: int = 1
+    crl: str | None = None
+    upstream_connect_timeout: float = C.UPSTREAM_CONNECT_TIMEOUT_S
+    handshake_timeout: float = C.HANDSHAKE_TIMEOUT_S
+    idle_timeout: float = C.IDLE_TIMEOUT_S
+    backlog: int = C.LISTEN_BACKLOG
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole process: listeners plus process-wide settings."""
+
+    listeners: tuple[ListenerConfig, ...]
+    workers: int = 1
+    drain_timeout: float = C.DRAIN_TIMEOUT_S
+    access_log: str | None = "-"
+    error_log: str = "-"
+    log_level: str = "info"
+    max_connections: int = C.MAX_CONNECTIONS
+    source: str = CLI_SOURCE
+
+    def with_overrides(self, **kw: Any) -> "Config":
+        return replace(self, **kw)
+
+
+# ----------------------------------------------------------------------------- schema
+# key -> (kind, scope). kind drives parsing; scope is "listener" or "global".
+_LISTENER_KEYS: dict[str, str] = {
+    "name": "str",
+    "listen": "addresses",
+    "upstream": "address",
+    "tls_cert": "file",
+    "tls_key": "file",
+    "tls_min_version": "tls_version",
+    "tls_ciphers": "str",
+    "tls_ciphersuites": "str",
+    "client_ca": "path",
+    "verify": "verify",
+    "verify_depth": "posint",
+    "crl": "file",
+    "upstream_connect_timeout": "duration",
+    "handshake_timeout": "duration",
+    "idle_timeout": "duration",
+    "backlog": "posint",
+}
+_GLOBAL_KEYS: dict[str, str] = {
+    "workers": "workers",
+    "drain_timeout": "duration",
+    "access_log": "log_target",
+    "error_log": "log_target",
+    "log_level": "log_level",
+    "max_connections": "posint",
+}
+ALL_KEYS = {**_LISTENER_KEYS, **_GLOBAL_KEYS}
+
+
+def flag_for(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+class _Ctx:
+    """Where values come from, so every message can say so."""
+
+    def __init__(self, source: str, prefix: str = "") -> None:
+        self.source = source
+        self.prefix = prefix
+
+    def key(self, key: str) -> str:
+        if self.source == CLI_SOURCE:
+            return flag_for(key)
+        return f"{self.prefix}{key}"
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(problem, source=self.source, key=self.key(key))
+
+    def sub(self, prefix: str) -> "_Ctx":
+        return _Ctx(self.source, prefix)
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as '500ms', '5s', '2m'. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 5, '5s' or '500ms'")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            scale = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0}[m.group(2)]
+            return float(m.group(1)) * scale
+    raise ValueError(f"expected a duration such as 5, '5s' or '500ms', got {value!r}")
+
+
+def parse_address(value: Any, *, listen: bool = False) -> Address:
+    """'host:port', '[v6]:port', ':port' (listen only) or 'unix:/path'. Raises ValueError."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected an address such as 127.0.0.1:1883, got {value!r}")
+    if value.startswith("unix:"):
+        path = value[5:]
+        if not path:
+            raise ValueError("unix: needs a socket path, e.g. unix:/run/mosquitto.sock")
+        if listen:
+            raise ValueError("listening on a unix socket is not supported; use host:port")
+        return Address(path=path)
+    if value.startswith("["):
+        host, sep, port_s = value[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"expected [ipv6]:port, got {value!r}")
+    else:
+        host, sep, port_s = value.rpartition(":")
+        if not sep:
+            raise ValueError(f"missing port in {value!r} (expected host:port)")
+        if ":" in host:
+            raise ValueError(f"write IPv6 addresses in brackets: [{host}]:{port_s}")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"port {port_s!r} is not a number") from None
+    if not (0 < port < 65536) and not (listen and port == 0):
+        raise ValueError(f"port {port} is out of range 1-65535")
+    if host in ("", "*"):
+        if not listen:
+            raise ValueError(f"missing host in {value!r}")
+        host = "0.0.0.0"
+    host = _resolve(host)
+    return Address(host=host, port=port)
+
+
+def _resolve(host: str) -> str:
+    """An IP literal for host; names are resolved once, at configuration time."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"cannot resolve host {host!r}: {e.strerror}") from None
+    # Prefer IPv4 like most resolvers' defaults for a server's upstream.
+    infos.sort(key=lambda i: 0 if i[0] == socket.AF_INET else 1)
+    return str(infos[0][4][0])
+
+
+def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> Any:
+    try:
+        if kind == "str":
+            if not isinstance(value, str):
+                raise ValueError(f"expected a string, got {value!r}")
+            return value
+        if kind == "duration":
+            return parse_duration(value)
+        if kind == "posint":
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                if isinstance(value, str) and value.isdigit() and int(value) > 0:
+                    return int(value)
+                raise ValueError(f"expected a positive integer, got {value!r}")
+            return value
+        if kind == "address":
+            return parse_address(value)
+        if kind == "addresses":
+            items = value if isinstance(value, list) else [value]
+            if not items:
+                raise ValueError("needs at least one address")
+            return tuple(parse_address(v, listen=True) for v in items)
+        if kind == "file":
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"expected a file path, got {value!r}")
+            path = value if os.path.isabs(value) else os.path.normpath(os.path.join(base_dir, value))
+            if not os.path.exists(path):
+                raise ValueError(f"file not found: {path}")
+            if not os.path.isfile(path):
+                raise ValueError(f"not a regular file: {path}")
+            if not os.access(path, os.R_OK):
+                raise ValueError(f"file not readable: {path}")
+            return path
+        if kind == "path":
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"expected a file or directory path, got {value!r}")
+            path = value if os.path.isabs(value) else os.path.normpath(os.path.join(base_dir, value))
+            if not os.path.exists(path):
+                raise ValueError(f"not found: {path}")
+            return path
+        if kind == "verify":
+            if value not in ("required", "optional", "none"):
+                raise ValueError(f"expected required, optional or none, got {value!r}")
+            return value
+        if kind == "tls_version":
+            if value not in C.TLS_VERSIONS:
+                raise ValueError(f"expected one of {', '.join(C.TLS_VERSIONS)}, got {value!r}")
+            return value
+        if kind == "workers":
+            if value == "auto":
+                return os.cpu_count() or 1
+            if isinstance(value, str) and value.isdigit():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or not (1 <= value <= 256):
+                raise ValueError(f"expected a number of processes 1-256 or 'auto', got {value!r}")
+            return value
+        if kind == "log_target":
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"expected a file path, '-' (stderr/stdout) or 'off', got {value!r}")
+            if value in ("-", "off", "stderr", "stdout"):
+                return value
+            path = value if os.path.isabs(value) else os.path.normpath(os.path.join(base_dir, value))
+            parent = os.path.dirname(path) or "."
+            if not os.path.isdir(parent):
+                raise ValueError(f"directory does not exist: {parent}")
+            return path
+        if kind == "log_level":
+            if value not in ("debug", "info", "warning", "error"):
+                raise ValueError(f"expected debug, info, warning or error, got {value!r}")
+            return value
+    except ValueError as e:
+        raise ctx.error(key, str(e)) from None
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def _check_known(ctx: _Ctx, table: Mapping[str, Any], allowed: Mapping[str, str]) -> None:
+    for key in table:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, list(allowed), n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            if key in ALL_KEYS:
+                extra = " here (it is a top-level setting)"
+            raise ctx.error(key, f"unknown key{extra}")
+
+
+def _build_listener(ctx: _Ctx, raw: Mapping[str, Any], base_dir: str, index: int) -> ListenerConfig:
+    vals: dict[str, Any] = {}
+    for key, value in raw.items():
+        vals[key] = _parse_value(ctx, key, _LISTENER_KEYS[key], value, base_dir)
+    for required in ("listen", "upstream"):
+        if required not in vals:
+            raise ctx.error(required, "is required")
+    cert, key = vals.get("tls_cert"), vals.get("tls_key")
+    if cert and not key:
+        raise ctx.error("tls_key", "is required when tls_cert is set")
+    if key and not cert:
+        raise ctx.error("tls_cert", "is required when tls_key is set")
+    if not cert:
+        for k in ("tls_min_version", "tls_ciphers", "tls_ciphersuites", "client_ca", "verify", "crl"):
+            if k in vals:
+                raise ctx.error(k, "needs TLS on the listener (tls_cert and tls_key)")
+    # A client CA without an explicit verify mode means the user wants mutual TLS.
+    if vals.get("client_ca") and "verify" not in vals:
+        vals["verify"] = "required"
+    if vals.get("verify", "none") != "none" and not vals.get("client_ca"):
+        raise ctx.error("client_ca", f"is required with verify = {vals['verify']}")
+    if vals.get("crl") and not vals.get("client_ca"):
+        raise ctx.error("crl", "needs client_ca")
+    vals.setdefault("name", f"listener{index}")
+    return ListenerConfig(**vals)
+
+
+def build_config(raw: Mapping[str, Any], *, source: str = CLI_SOURCE, base_dir: str = ".") -> Config:
+    """Validate a raw mapping (from TOML or from flags) into a Config. Raises ConfigError."""
+    top = _Ctx(source)
+    _check_known(top, {k: v for k, v in raw.items() if k != "listener"}, ALL_KEYS)
+    glob = {k: _parse_value(top, k, _GLOBAL_KEYS[k], v, base_dir) for k, v in raw.items() if k in _GLOBAL_KEYS}
+    defaults = {k: v for k, v in raw.items() if k in _LISTENER_KEYS}
+
+    tables = raw.get("listener")
+    listeners: list[ListenerConfig] = []
+    if tables is None:
+        if "listen" not in defaults and "upstream" not in defaults:
+            raise top.error("listen", "no listener configured (set listen and upstream, or add [[listener]] tables)")
+        listeners.append(_build_listener(top, defaults, base_dir, 0))
+    else:
+        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables) or not tables:
+            raise top.error("listener", "must be an array of tables ([[listener]])")
+        if "listen" in defaults:
+            raise top.error("listen", "top-level listen conflicts with [[listener]] tables; move it into a table")
+        for i, table in enumerate(tables):
+            ctx = top.sub(f"listener[{i}].")
+            _check_known(ctx, table, _LISTENER_KEYS)
+            listeners.append(_build_listener(ctx, {**defaults, **table}, base_dir, i))
+
+    seen: dict[tuple[str, int], str] = {}
+    for lc in listeners:
+        for a in lc.listen:
+            k = (a.host, a.port)
+            if a.port and k in seen:
+                raise ConfigError(f"address {a} is used by both {seen[k]} and {lc.name}", source=source, key="listen")
+            seen[k] = lc.name
+    if glob.get("access_log") == "off":
+        glob["access_log"] = None
+    return Config(listeners=tuple(listeners), source=source, **glob)
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a TOML file into a raw mapping. Raises ConfigError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("file not found", source=path) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, expected a TOML file", source=path) from None
+    except PermissionError:
+        raise ConfigError("permission denied", source=path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"invalid TOML: {e}", source=path) from None
+
+
+def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load and validate a TOML file; `overrides` (from flags) replace top-level keys."""
+    raw = load_file(path)
+    if overrides:
+        raw = {**raw, **overrides}
+    return build_config(raw, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def config_keys() -> list[str]:
+    """Every key a file may hold (listener keys may also sit in [[listener]] tables)."""
+    return list(ALL_KEYS)
+
+
+__all__ = [
+    "Address",
+    "Config",
+    "ListenerConfig",
+    "build_config",
+    "load_config",
+    "parse_address",
+    "parse_duration",
+    "flag_for",
+    "config_keys",
+]

@@ -1,0 +1,410 @@
+"""The running proxy: binds listeners, feeds the compiled engine, handles signals and workers.
+
+`Proxy` is the in-process API (one engine, one thread); `serve()` is what the CLI runs: one
+process, or a master that forks `workers` processes which each bind the same addresses with
+SO_REUSEPORT and run their own engine.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from .config import Address, Config, ListenerConfig
+from .errors import ConfigError, EngineNotBuiltError
+from .log import AccessLog, server_log, setup_error_log, tls_log, upstream_log
+from .tls import build_context
+
+try:
+    from . import _engine
+except ImportError as e:  # pragma: no cover - only on an unbuilt checkout
+    _engine = None  # type: ignore[assignment]
+    _ENGINE_ERROR = e
+
+REASONS: tuple[tuple[str, int], ...] = _engine.REASONS if _engine is not None else ()
+
+# Reasons worth a line in the error log (the access log has every connection anyway).
+_UPSTREAM_FAILURES = {"upstream-refused", "upstream-unreachable", "upstream-timeout", "upstream-reset"}
+_CLIENT_FAILURES = {"tls-handshake-failed", "tls-handshake-timeout"}
+
+
+def _require_engine() -> Any:
+    if _engine is None:
+        raise EngineNotBuiltError(
+            f"the compiled engine is not built ({_ENGINE_ERROR}); install with `pip install .` "
+            "(needs gcc, python3-dev and libssl-dev)"
+        )
+    return _engine
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: each session needs 2 descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 1 << 20:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def bind_listener(addr: Address, backlog: int, *, reuseport: bool) -> socket.socket:
+    """A listening TCP socket for addr; OSError names the address when it cannot bind."""
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((addr.host, addr.port))
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {addr}: {e.strerror}") from None
+    return sock
+
+
+def check_config(cfg: Config) -> list[str]:
+    """Validate what the schema cannot (certificates, keys, CAs); return warnings."""
+    warnings = []
+    for i, lc in enumerate(cfg.listeners):
+        build_context(lc, source=cfg.source, index=i if len(cfg.listeners) > 1 else None)
+        if not lc.upstream.is_loopback:
+            warnings.append(
+                f"{lc.name}: upstream {lc.upstream} is not a loopback or unix address: "
+                "broker traffic leaves this host in plain text"
+            )
+        if not lc.tls and any(not a.is_loopback for a in lc.listen):
+            warnings.append(f"{lc.name}: listens on {lc.listen[0]} without TLS")
+    return warnings
+
+
+class Proxy:
+    """One engine serving every listener of a Config, in the calling process.
+
+    Construction binds the sockets (so port 0 is resolved in `addresses`) and loads TLS
+    material; run() blocks, start()/stop() run it in a background thread.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        on_record: Callable[[dict], None] | None = None,
+        reuseport: bool = False,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        eng = _require_engine()
+        self.config = config
+        self._on_record = on_record
+        self._access = access_log if access_log is not None else AccessLog(config.access_log)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._listener_names: list[str] = []
+        self.addresses: list[list[tuple[str, int]]] = []
+        self._log_failures = server_log.isEnabledFor(logging.INFO)
+        self.engine = eng.Engine(on_close=self._on_close, max_connections=config.max_connections)
+        socks: list[socket.socket] = []
+        try:
+            for i, lc in enumerate(config.listeners):
+                ctx = build_context(lc, source=config.source, index=i if len(config.listeners) > 1 else None)
+                up = self._add_upstream(lc)
+                bound = []
+                for addr in lc.listen:
+                    s = bind_listener(addr, lc.backlog, reuseport=reuseport)
+                    socks.append(s)
+                    bound.append(s.getsockname()[:2])
+                    self.engine.add_listener(
+                        s.detach(),
+                        up,
+                        tls=ctx,
+                        handshake_timeout=lc.handshake_timeout,
+                        connect_timeout=lc.upstream_connect_timeout,
+                        idle_timeout=lc.idle_timeout,
+                    )
+                    self._listener_names.append(lc.name)
+                self.addresses.append(bound)
+        except BaseException:
+            for s in socks:
+                if s.fileno() >= 0:
+                    s.close()
+            self.engine = None  # closes detached listeners
+            raise
+
+    def _add_upstream(self, lc: ListenerConfig) -> int:
+        a = lc.upstream
+        if a.is_unix:
+            assert a.path is not None
+            return self.engine.add_upstream(socket.AF_UNIX, a.path, 0)
+        return self.engine.add_upstream(a.family, a.host, a.port)
+
+    # -- per-connection callback from the engine (with the GIL, once per connection)
+    def _on_close(self, rec: tuple) -> None:
+        li, host, port, protocol, reason_i, sent, received, t0, duration, detail = rec
+        reason, status = REASONS[reason_i]
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        if self._access.enabled:
+            self._access.write(
+                self._access.format(host, protocol, status, sent, received, duration, reason, end_time=t0 + duration)
+            )
+        if reason != "ok" and self._log_failures:
+            name = self._listener_names[li]
+            if reason in _UPSTREAM_FAILURES:
+                lc = self._listener_for(li)
+                upstream_log.warning(
+                    "%s: client %s:%d: %s %s%s", name, host, port, reason, lc.upstream, f" ({detail})" if detail else ""
+                )
+            elif reason in _CLIENT_FAILURES:
+                tls_log.info("%s: client %s:%d: %s%s", name, host, port, reason, f": {detail}" if detail else "")
+            elif reason == "internal-error":
+                server_log.error("%s: client %s:%d: %s%s", name, host, port, reason, f": {detail}" if detail else "")
+        if self._on_record is not None:
+            self._on_record(
+                {
+                    "listener": self._listener_names[li],
+                    "addr": host,
+                    "port": port,
+                    "protocol": protocol,
+                    "reason": reason,
+                    "status": status,
+                    "bytes_sent": sent,
+                    "bytes_received": received,
+                    "start": t0,
+                    "duration": duration,
+                    "detail": detail,
+                }
+            )
+
+    def _listener_for(self, li: int) -> ListenerConfig:
+        name = self._listener_names[li]
+        return next(lc for lc in self.config.listeners if lc.name == name)
+
+    # -- running
+    def run(self) -> None:
+        """Serve until stop() (from another thread or a signal handler) completes.
+
+        In the main thread, signals wake the engine (signal.set_wakeup_fd) so Python signal
+        handlers run promptly; Ctrl-C with the default handler raises KeyboardInterrupt here.
+        """
+        if self.engine is None:
+            raise RuntimeError("proxy already finished")
+        old_fd = None
+        if threading.current_thread() is threading.main_thread():
+            old_fd = signal.set_wakeup_fd(self.engine.wakeup_fd, warn_on_full_buffer=False)
+        try:
+            self.engine.run()
+        finally:
+            if old_fd is not None:
+                signal.set_wakeup_fd(old_fd)
+
+    def start(self) -> "Proxy":
+        """Run in a daemon thread; returns self."""
+        def target() -> None:
+            try:
+                self.run()
+            except BaseException as e:  # surfaced by stop()
+                self._error = e
+
+        self._thread = threading.Thread(target=target, name="fastproxy-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, drain_timeout: float = 0.0, *, wait: bool = True, timeout: float | None = 30.0) -> None:
+        """Stop accepting; let sessions finish for drain_timeout seconds; close the rest."""
+        if self.engine is None:
+            return
+        self.engine.stop(drain_timeout)
+        if wait and self._thread is not None:
+            self._thread.join(timeout)
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise err
+
+    def stats(self) -> dict[str, int]:
+        """The engine's counters: accepted, active, handshakes, bytes, closed_<reason>, ..."""
+        return self.engine.stats()
+
+    def close(self) -> None:
+        self._access.close()
+
+    def __enter__(self) -> "Proxy":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.close()
+
+
+# ----------------------------------------------------------------------------- serve (CLI)
+
+
+def _describe(cfg: Config) -> str:
+    parts = []
+    for lc in cfg.listeners:
+        mode = "TLS" if lc.tls else "TCP"
+        if lc.tls and lc.verify != "none":
+            mode += f", client certificates {lc.verify}"
+        for a in lc.listen:
+            parts.append(f"{a} ({mode}) -> {lc.upstream}")
+    return "; ".join(parts)
+
+
+def _install_stop_handlers(stop: Callable[[float], None], drain: float) -> None:
+    state = {"n": 0}
+
+    def handler(signum: int, frame: Any) -> None:
+        state["n"] += 1
+        if state["n"] == 1:
+            server_log.info("%s: draining for %.1fs", signal.Signals(signum).name, drain)
+            stop(drain)
+        else:
+            server_log.info("%s again: stopping now", signal.Signals(signum).name)
+            stop(0.0)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _run_single(cfg: Config, *, reuseport: bool, announce: str | None = None) -> int:
+    proxy = Proxy(cfg, reuseport=reuseport)
+    if announce:
+        server_log.info("%s", announce)
+    _install_stop_handlers(proxy.engine.stop, cfg.drain_timeout)
+    try:
+        proxy.run()
+    finally:
+        proxy.close()
+    if announce:
+        server_log.info("stopped")
+    return 0
+
+
+def serve(cfg: Config) -> int:
+    """Run the configured proxy until SIGTERM/SIGINT; returns the exit status."""
+    setup_error_log(cfg.error_log, cfg.log_level)
+    _require_engine()
+    limit = raise_fd_limit()
+    for w in check_config(cfg):
+        server_log.warning("%s", w)
+    if cfg.workers <= 1:
+        return _run_single(cfg, reuseport=False, announce=f"listening on {_describe(cfg)} (fd limit {limit})")
+    return _Master(cfg).run()
+
+
+class _Master:
+    """Forks the workers, forwards signals, restarts a worker that dies unexpectedly."""
+
+    RESTART_WINDOW_S = 10.0
+    MAX_QUICK_RESTARTS = 5
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.children: dict[int, float] = {}
+        self.stopping = False
+        self.quick_restarts = 0
+
+    def _check_bind(self) -> list[socket.socket]:
+        # Bind (without listening) in the master first: a taken port or bad address is
+        # reported once, before any fork. Not listening, these sockets get no connections.
+        held = []
+        for lc in self.cfg.listeners:
+            for a in lc.listen:
+                family = socket.AF_INET6 if ":" in a.host else socket.AF_INET
+                s = socket.socket(family, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                try:
+                    s.bind((a.host, a.port))
+                except OSError as e:
+                    s.close()
+                    for h in held:
+                        h.close()
+                    raise OSError(e.errno, f"cannot listen on {a}: {e.strerror}") from None
+                held.append(s)
+        return held
+
+    def _spawn(self, held: list[socket.socket]) -> None:
+        pid = os.fork()
+        if pid == 0:  # worker
+            code = 1
+            try:
+                for h in held:
+                    h.close()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                code = _run_single(self.cfg, reuseport=True)
+            except BaseException as e:
+                server_log.error("worker failed: %s", e)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = time.monotonic()
+
+    def run(self) -> int:
+        for lc in self.cfg.listeners:
+            if any(a.port == 0 for a in lc.listen):
+                raise ConfigError("port 0 cannot be shared by several workers; give a port", key="listen",
+                                  source=self.cfg.source)
+        held = self._check_bind()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        drain = self.cfg.drain_timeout
+
+        def on_signal(signum: int, frame: Any) -> None:
+            first = not self.stopping
+            self.stopping = True
+            for pid in list(self.children):
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+            if first:
+                server_log.info("%s: draining %d workers for %.1fs", signal.Signals(signum).name, len(self.children), drain)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        for _ in range(self.cfg.workers):
+            self._spawn(held)
+        for h in held:
+            h.close()
+        server_log.info("listening on %s with %d workers", _describe(self.cfg), self.cfg.workers)
+        status = 0
+        while self.children:
+            try:
+                pid, st = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries
+                continue
+            started = self.children.pop(pid, None)
+            if started is None:
+                continue
+            code = os.waitstatus_to_exitcode(st)
+            if self.stopping:
+                if code != 0:
+                    status = 1
+                continue
+            server_log.error("worker %d exited with status %d; starting a new one", pid, code)
+            if time.monotonic() - started < self.RESTART_WINDOW_S:
+                self.quick_restarts += 1
+                if self.quick_restarts > self.MAX_QUICK_RESTARTS:
+                    server_log.error("workers keep dying; giving up")
+                    self.stopping = True
+                    on_signal(signal.SIGTERM, None)
+                    status = 1
+                    continue
+            self._spawn(held)
+        server_log.info("stopped")
+        return status

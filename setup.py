@@ -1,0 +1,103 @@
+"""Declares the compiled extensions; metadata lives in pyproject.toml.
+
+Build switches (environment variables):
+  FASTPROXY_DEBUG=1     -O0 -g, Cython boundscheck/assertions on, FASTPROXY_DEBUG macro (live counters)
+  FASTPROXY_SANITIZE=1  AddressSanitizer + UndefinedBehaviorSanitizer (run with LD_PRELOAD=$(gcc -print-file-name=libasan.so))
+  FASTPROXY_ANNOTATE=1  write Cython HTML annotation next to the sources
+"""
+import os
+import sys
+
+from setuptools import Extension, setup
+
+try:
+    from Cython.Build import cythonize
+except ImportError:  # pragma: no cover - pyproject lists Cython as a build requirement
+    sys.exit("fastproxy: building needs Cython (pip install cython), or build with `pip install .`")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.environ.get("FASTPROXY_DEBUG") == "1"
+SANITIZE = os.environ.get("FASTPROXY_SANITIZE") == "1"
+
+
+def _check_openssl_headers() -> None:
+    """Fail early with a sentence rather than a wall of compiler errors."""
+    for inc in ("/usr/include", "/usr/local/include", os.environ.get("OPENSSL_INCLUDE", "")):
+        if inc and os.path.exists(os.path.join(inc, "openssl", "ssl.h")):
+            return
+    if os.environ.get("OPENSSL_INCLUDE") is None and os.path.exists("/usr/include/aarch64-linux-gnu"):
+        return
+    sys.exit(
+        "fastproxy: OpenSSL headers not found (openssl/ssl.h).\n"
+        "  On Debian/Ubuntu: sudo apt-get install libssl-dev gcc python3-dev\n"
+        "  Or point OPENSSL_INCLUDE at the directory that holds openssl/ssl.h."
+    )
+
+
+cflags = ["-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
+ldflags: list[str] = []
+macros = []
+if DEBUG:
+    cflags += ["-O0", "-g3"]
+    macros.append(("FASTPROXY_DEBUG", "1"))
+else:
+    cflags += ["-O2"]
+if SANITIZE:
+    cflags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+    ldflags += ["-fsanitize=address,undefined"]
+
+include_dirs = [os.path.join("ext", "includes"), os.path.join("ext", "src")]
+if os.environ.get("OPENSSL_INCLUDE"):
+    include_dirs.append(os.environ["OPENSSL_INCLUDE"])
+library_dirs = [os.environ["OPENSSL_LIB"]] if os.environ.get("OPENSSL_LIB") else []
+
+
+def ext(name: str, sources: list[str], ssl: bool = False) -> Extension:
+    return Extension(
+        f"fastproxy.{name}",
+        sources,
+        include_dirs=include_dirs,
+        library_dirs=library_dirs,
+        libraries=["ssl", "crypto"] if ssl else [],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+        define_macros=macros,
+    )
+
+
+# Plain C parsers live in ext/src and are linked into every module that needs them, so the
+# engine calls them without a Python hop and the wrappers expose them to tests and fuzzers.
+C_PARSERS = [p for p in ("ext/src/mqtt_connect.c", "ext/src/proxy_v2.c") if os.path.exists(os.path.join(HERE, p))]
+
+extensions = [
+    ext("_tls", ["ext/_tls.pyx"], ssl=True),
+    ext("_engine", ["ext/_engine.pyx"], ssl=True),
+]
+if os.path.exists(os.path.join(HERE, "ext/_mqtt.pyx")):
+    extensions.append(ext("_mqtt", ["ext/_mqtt.pyx", "ext/src/mqtt_connect.c"]))
+if os.path.exists(os.path.join(HERE, "ext/_proxyproto.pyx")):
+    extensions.append(ext("_proxyproto", ["ext/_proxyproto.pyx", "ext/src/proxy_v2.c"]))
+
+# FASTPROXY_ONLY=_mqtt,_tls builds a subset (quick iteration on one module).
+_only = [m for m in os.environ.get("FASTPROXY_ONLY", "").split(",") if m]
+if _only:
+    extensions = [e for e in extensions if e.name.split(".")[-1] in _only]
+
+if "sdist" not in sys.argv and "egg_info" not in sys.argv:
+    _check_openssl_headers()
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        include_path=["ext", "ext/includes"],
+        language_level=3,
+        annotate=os.environ.get("FASTPROXY_ANNOTATE") == "1",
+        compiler_directives={
+            "boundscheck": DEBUG,
+            "wraparound": False,
+            "initializedcheck": DEBUG,
+            "cdivision": True,
+            "embedsignature": True,
+        },
+    ),
+)
