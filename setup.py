@@ -83,7 +83,24 @@ _only = [m for m in os.environ.get("FASTPROXY_ONLY", "").split(",") if m]
 if _only:
     extensions = [e for e in extensions if e.name.split(".")[-1] in _only]
 
-if "sdist" not in sys.argv and "egg_info" not in sys.argv:
+def _check_compiler() -> None:
+    import shlex
+    import shutil
+    import sysconfig
+
+    cc = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "gcc")
+    exe = shlex.split(cc)[0] if cc else "gcc"
+    if shutil.which(exe) is None:
+        sys.exit(
+            f"fastproxy: no C compiler found ({exe!r}).\n"
+            "  On Debian/Ubuntu: sudo apt-get install gcc python3-dev libssl-dev\n"
+            "  Or install a prebuilt wheel (no compiler needed)."
+        )
+
+
+_BUILDING = any(a.startswith(("build", "bdist", "install", "develop", "editable")) for a in sys.argv[1:])
+if _BUILDING:
+    _check_compiler()
     _check_openssl_headers()
 
 setup(

@@ -47,14 +47,159 @@ cdef inline uint64_t _tag(void* p, int tag) noexcept nogil:
     return <uint64_t><uintptr_t>p | <uint64_t>tag
 
 
+cdef inline char* pool_get(BufPool* p) noexcept nogil:
+    cdef char* b
+    if p.n > 0:
+        p.n -= 1
+        b = p.bufs[p.n]
+    else:
+        b = <char*>malloc(RELAY_BUF)
+        if b == NULL:
+            return NULL
+    p.live += 1
+    return b
+
+
+cdef inline void pool_put(BufPool* p, char* b) noexcept nogil:
+    p.live -= 1
+    if p.n < BUF_POOL_MAX:
+        p.bufs[p.n] = b
+        p.n += 1
+    else:
+        free(b)
+
+
+# ---------------------------------------------------------------------- the TLS side's BIO
+# OpenSSL's socket BIO costs two recv() per record (header, then body) plus one that ends in
+# EAGAIN; read_ahead saves those but memmoves its buffer after every record. This BIO does
+# one recv() per burst into a pooled buffer, hands OpenSSL exactly what it asks for, and
+# treats a short recv() as "socket drained", so edge-triggered readiness needs no EAGAIN call.
+
+cdef BIO_METHOD* SIDE_BIO = NULL
+
+
+cdef int _bio_create(BIO* b) noexcept nogil:
+    BIO_set_init(b, 1)
+    return 1
+
+
+cdef long _bio_ctrl(BIO* b, int cmd, long num, void* ptr) noexcept nogil:
+    if cmd == BIO_CTRL_FLUSH:
+        return 1
+    if cmd == BIO_CTRL_EOF:
+        # OpenSSL asks after a 0-byte read; a TCP close without close_notify is then an
+        # ordinary end of stream (SSL_OP_IGNORE_UNEXPECTED_EOF), not an error.
+        return (<Side*>BIO_get_data(b)).sock_eof
+    return 0
+
+
+cdef int _bio_write(BIO* b, const char* data, int n) noexcept nogil:
+    cdef Side* s = <Side*>BIO_get_data(b)
+    cdef ssize_t r
+    cdef int err
+    BIO_clear_retry_flags(b)
+    while True:
+        r = send(s.fd, data, <size_t>n, MSG_NOSIGNAL)
+        if r >= 0:
+            return <int>r
+        err = fp_errno()
+        if err == EINTR:
+            continue
+        if err == EAGAIN:
+            s.writable = 0
+            BIO_set_retry_write(b)
+        return -1
+
+
+cdef inline void _side_release_input(Side* s) noexcept nogil:
+    if s.inbuf != NULL:
+        pool_put(s.pool, s.inbuf)
+        s.inbuf = NULL
+    s.in_off = s.in_len = 0
+
+
+cdef int _bio_read(BIO* b, char* out, int outl) noexcept nogil:
+    cdef Side* s = <Side*>BIO_get_data(b)
+    cdef ssize_t r
+    cdef uint32_t n
+    cdef int err
+    BIO_clear_retry_flags(b)
+    if outl <= 0:
+        return 0
+    if s.in_off == s.in_len:
+        if s.sock_eof:
+            return 0
+        if not s.readable:
+            BIO_set_retry_read(b)
+            return -1
+        if s.inbuf == NULL:
+            s.inbuf = pool_get(s.pool)
+            if s.inbuf == NULL:
+                return -1
+        while True:
+            r = recv(s.fd, s.inbuf, RELAY_BUF, 0)
+            if r >= 0 or fp_errno() != EINTR:
+                break
+        if r <= 0:
+            err = fp_errno()
+            _side_release_input(s)
+            if r == 0:
+                s.sock_eof = 1
+                return 0
+            if err == EAGAIN:
+                s.readable = 0
+                BIO_set_retry_read(b)
+            return -1
+        if r < RELAY_BUF and not s.hup:
+            s.readable = 0
+        s.in_off = 0
+        s.in_len = <uint32_t>r
+    n = s.in_len - s.in_off
+    if n > <uint32_t>outl:
+        n = <uint32_t>outl
+    memcpy(out, s.inbuf + s.in_off, n)
+    s.in_off += n
+    if s.in_off == s.in_len:
+        _side_release_input(s)
+    return <int>n
+
+
+cdef int _init_bio_method() except -1:
+    global SIDE_BIO
+    SIDE_BIO = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, b"fastproxy side")
+    if SIDE_BIO == NULL:
+        raise MemoryError("BIO_meth_new")
+    BIO_meth_set_write(SIDE_BIO, _bio_write)
+    BIO_meth_set_read(SIDE_BIO, _bio_read)
+    BIO_meth_set_ctrl(SIDE_BIO, _bio_ctrl)
+    BIO_meth_set_create(SIDE_BIO, _bio_create)
+    return 0
+
+
+_init_bio_method()
+
+
+cdef inline bint side_has_input(Side* s) noexcept nogil:
+    """Whether a read may return something: unconsumed socket readiness, or bytes already
+    pulled into our BIO buffer or into OpenSSL's record buffer."""
+    if s.readable:
+        return True
+    return s.ssl != NULL and (s.in_off < s.in_len or SSL_has_pending(s.ssl))
+
+
 cdef inline ssize_t side_read(Side* s, char* buf, size_t n) noexcept nogil:
-    """Read up to n bytes. Returns > 0 bytes, IO_AGAIN (readiness consumed), IO_EOF or IO_ERR."""
+    """Read up to n bytes. Returns > 0 bytes, IO_AGAIN (readiness consumed), IO_EOF or IO_ERR.
+    After IO_ERR on a TLS side the OpenSSL error queue holds the reason (the caller clears it)."""
     cdef ssize_t r
     cdef int err
     if s.ssl == NULL:
         while True:
             r = recv(s.fd, buf, n, 0)
             if r > 0:
+                # A short read drained the socket: anything later raises a new edge. Not so
+                # for a FIN already reported (EPOLLRDHUP), which must still be read as EOF.
+                if <size_t>r < n and not s.hup:
+                    s.readable = 0
                 return r
             if r == 0:
                 return IO_EOF
@@ -65,7 +210,7 @@ cdef inline ssize_t side_read(Side* s, char* buf, size_t n) noexcept nogil:
                 s.readable = 0
                 return IO_AGAIN
             return IO_ERR
-    ERR_clear_error()
+    # The error queue is empty here: every path that leaves errors in it clears them.
     r = SSL_read(s.ssl, buf, <int>n)
     if r > 0:
         return r
@@ -97,7 +242,6 @@ cdef inline ssize_t side_write(Side* s, const char* buf, size_t n) noexcept nogi
                 s.writable = 0
                 return IO_AGAIN
             return IO_ERR
-    ERR_clear_error()
     r = SSL_write(s.ssl, buf, <int>n)
     if r > 0:
         return r
@@ -146,8 +290,7 @@ cdef class Engine:
     cdef uint64_t n_conns
     cdef uint64_t max_conns
     cdef Counters ctr
-    cdef char* buf_pool[BUF_POOL_MAX]
-    cdef int n_bufs
+    cdef BufPool pool
     cdef int pipe_pool[PIPE_POOL_MAX][2]
     cdef int n_pipes
     cdef int64_t now
@@ -176,7 +319,7 @@ cdef class Engine:
         self.n_upstreams = 0
         self.conns = NULL
         self.dead = NULL
-        self.n_bufs = 0
+        memset(&self.pool, 0, sizeof(BufPool))
         self.n_pipes = 0
         memset(&self.ctr, 0, sizeof(Counters))
         self._keep = []
@@ -206,8 +349,8 @@ cdef class Engine:
         for i in range(self.n_listeners):
             if self.listeners[i].fd >= 0:
                 close(self.listeners[i].fd)
-        for i in range(self.n_bufs):
-            free(self.buf_pool[i])
+        for i in range(self.pool.n):
+            free(self.pool.bufs[i])
         for i in range(self.n_pipes):
             close(self.pipe_pool[i][0])
             close(self.pipe_pool[i][1])
@@ -307,9 +450,9 @@ cdef class Engine:
             "bytes_from_clients": self.ctr.bytes_from_clients,
             "bytes_to_clients": self.ctr.bytes_to_clients,
             "accept_errors": self.ctr.accept_errors,
-            "live_buffers": self.ctr.live_bufs,
+            "live_buffers": self.pool.live,
             "live_pipes": self.ctr.live_pipes,
-            "pooled_buffers": self.n_bufs,
+            "pooled_buffers": self.pool.n,
             "pooled_pipes": self.n_pipes,
         }
         for i, (name, _) in enumerate(REASONS):
@@ -402,6 +545,8 @@ cdef class Engine:
         cdef Side* s = &c.cl if tag == TAG_CLIENT else &c.up
         if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
             s.readable = 1
+            if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                s.hup = 1
         if ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
             s.writable = 1
         if c.state == ST_RELAY:
@@ -424,6 +569,7 @@ cdef class Engine:
         cdef sockaddr_storage peer
         cdef socklen_t plen
         cdef epoll_event ev
+        cdef BIO* bio
         for k in range(ACCEPT_BATCH):
             if self.n_conns >= self.max_conns:
                 self._pause_listeners(0)
@@ -477,10 +623,14 @@ cdef class Engine:
             c.cl.writable = 1
             if l.ssl_ctx != NULL:
                 c.cl.ssl = SSL_new(l.ssl_ctx)
-                if c.cl.ssl == NULL or SSL_set_fd(c.cl.ssl, fd) != 1:
+                bio = BIO_new(SIDE_BIO) if c.cl.ssl != NULL else NULL
+                if bio == NULL:
                     ERR_clear_error()
                     self._end(c, R_INTERNAL, ENOMEM)
                     continue
+                c.cl.pool = &self.pool
+                BIO_set_data(bio, &c.cl)
+                SSL_set_bio(c.cl.ssl, bio, bio)
                 SSL_set_accept_state(c.cl.ssl)
                 c.state = ST_HANDSHAKE
                 c.deadline_ms = self.now + l.handshake_timeout_ms if l.handshake_timeout_ms > 0 else 0
@@ -523,9 +673,6 @@ cdef class Engine:
 
     cdef void _handshake(self, Conn* c) noexcept nogil:
         cdef int r, err
-        if not c.cl.readable and not c.cl.writable:
-            return
-        ERR_clear_error()
         r = SSL_do_handshake(c.cl.ssl)
         if r == 1:
             c.handshake_done = 1
@@ -639,92 +786,36 @@ cdef class Engine:
             self._end(c, R_UPSTREAM_RESET, err)
 
     cdef int _pump_dir(self, Conn* c, Side* src, Side* dst, Dir* d, bint c2u) noexcept nogil:
-        """Move bytes src -> dst until neither can progress. Returns 0, or -1 (src failed),
-        -2 (dst failed), -3 (no buffer). Propagates src's EOF once everything is flushed."""
-        cdef ssize_t n
+        """Move bytes src -> dst until neither side can progress. Fills the buffer (or pipe)
+        from src as far as it goes before flushing, so a burst of small MQTT packets leaves
+        in one write. Returns 0, or -1 (src failed), -2 (dst failed), -3 (no buffer).
+        Propagates src's EOF to dst once everything read has been flushed."""
+        cdef int r
         cdef bint progressed
-        cdef int err
-        cdef size_t room
         if dst.shut_wr:
             return 0
         while True:
             progressed = False
-            # 1. flush what we hold
-            if dst.writable:
-                if d.pipe_bytes:
-                    n = splice(d.pipe_r, NULL, dst.fd, NULL, d.pipe_bytes, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-                    if n > 0:
-                        d.pipe_bytes -= <uint32_t>n
-                        progressed = True
-                        if not c2u:
-                            c.bytes_out += <uint64_t>n
-                    elif n < 0:
-                        err = fp_errno()
-                        if err == EAGAIN:
-                            dst.writable = 0
-                        elif err != EINTR:
-                            return -2
-                elif d.end > d.start:
-                    n = side_write(dst, d.buf + d.start, d.end - d.start)
-                    if n > 0:
-                        d.start += <uint32_t>n
-                        if d.start == d.end:
-                            d.start = d.end = 0
-                        progressed = True
-                        if not c2u:
-                            c.bytes_out += <uint64_t>n
-                    elif n == IO_ERR:
-                        return -2
-            # 2. read more while there is room
-            if src.readable and not src.eof:
+            if not src.eof and side_has_input(src):
                 if c.use_splice and not d.no_splice and d.end == d.start:
-                    if d.pipe_r < 0 and not self._pipe_get(d):
-                        d.no_splice = 1     # out of descriptors: copy through a buffer instead
-                        continue
-                    room = PIPE_CAP - d.pipe_bytes
-                    if room > 0:
-                        n = splice(src.fd, NULL, d.pipe_w, NULL, room, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-                        if n > 0:
-                            d.pipe_bytes += <uint32_t>n
-                            progressed = True
-                            if c2u:
-                                c.bytes_in += <uint64_t>n
-                        elif n == 0:
-                            src.eof = 1
-                            progressed = True
-                        else:
-                            err = fp_errno()
-                            if err == EAGAIN:
-                                # EAGAIN with bytes in the pipe may mean the pipe is out of
-                                # slots, not that the socket is drained: keep the readiness.
-                                if d.pipe_bytes == 0:
-                                    src.readable = 0
-                            elif err != EINTR:
-                                return -1
+                    r = self._splice_in(c, src, d, c2u)
                 else:
-                    if d.buf == NULL:
-                        d.buf = self._buf_get()
-                        if d.buf == NULL:
-                            return -3
-                    room = RELAY_BUF - d.end
-                    if room > 0:
-                        n = side_read(src, d.buf + d.end, room)
-                        if n > 0:
-                            d.end += <uint32_t>n
-                            progressed = True
-                            if c2u:
-                                c.bytes_in += <uint64_t>n
-                        elif n == IO_EOF:
-                            src.eof = 1
-                            progressed = True
-                        elif n == IO_ERR:
-                            return -1
+                    r = self._read_in(c, src, d, c2u)
+                if r < 0:
+                    return r
+                progressed = r > 0
+            if dst.writable:
+                r = self._flush(c, dst, d, c2u)
+                if r < 0:
+                    return -2
+                progressed = progressed or r > 0
             if not progressed:
                 break
             c.active_ms = self.now
+            c.tls_bufs_freed = 0
         # Idle directions give their buffer / pipe back to the pool.
         if d.buf != NULL and d.end == d.start:
-            self._buf_put(d.buf)
+            pool_put(&self.pool, d.buf)
             d.buf = NULL
             d.start = d.end = 0
         if d.pipe_r >= 0 and d.pipe_bytes == 0:
@@ -733,27 +824,101 @@ cdef class Engine:
             side_shutdown_write(dst)
         return 0
 
+    cdef int _read_in(self, Conn* c, Side* src, Dir* d, bint c2u) noexcept nogil:
+        """Read from src into d's buffer until it is full or src has nothing more.
+        Returns 1 if bytes or EOF arrived, 0 if nothing, -1 on a read error, -3 without memory."""
+        cdef ssize_t n
+        cdef int got = 0
+        if d.buf == NULL:
+            d.buf = pool_get(&self.pool)
+            if d.buf == NULL:
+                return -3
+        while d.end < RELAY_BUF:
+            n = side_read(src, d.buf + d.end, RELAY_BUF - d.end)
+            if n > 0:
+                d.end += <uint32_t>n
+                got = 1
+                if c2u:
+                    c.bytes_in += <uint64_t>n
+                    self.ctr.bytes_from_clients += <uint64_t>n
+                if not src.readable:
+                    break
+            elif n == IO_EOF:
+                src.eof = 1
+                return 1
+            elif n == IO_ERR:
+                return -1
+            else:
+                break   # IO_AGAIN: side_read consumed the readiness it was waiting on
+        return got
+
+    cdef int _splice_in(self, Conn* c, Side* src, Dir* d, bint c2u) noexcept nogil:
+        """splice(2) from src's socket into d's pipe (plain on both sides).
+        Returns 1 on progress (bytes, EOF, or a switch to buffered copy), 0 if nothing, -1 on error."""
+        cdef ssize_t n
+        cdef size_t room
+        cdef int err
+        if d.pipe_r < 0 and not self._pipe_get(d):
+            d.no_splice = 1     # out of descriptors: copy through a buffer instead
+            return 1
+        room = PIPE_CAP - d.pipe_bytes
+        if room == 0:
+            return 0
+        n = splice(src.fd, NULL, d.pipe_w, NULL, room, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        if n > 0:
+            d.pipe_bytes += <uint32_t>n
+            if c2u:
+                c.bytes_in += <uint64_t>n
+                self.ctr.bytes_from_clients += <uint64_t>n
+            return 1
+        if n == 0:
+            src.eof = 1
+            return 1
+        err = fp_errno()
+        if err == EAGAIN:
+            # EAGAIN with bytes in the pipe may mean the pipe ran out of slots, not that the
+            # socket is drained: keep the readiness until the pipe has been flushed.
+            if d.pipe_bytes == 0:
+                src.readable = 0
+            return 0
+        if err == EINTR:
+            return 1
+        return -1
+
+    cdef int _flush(self, Conn* c, Side* dst, Dir* d, bint c2u) noexcept nogil:
+        """One write of what d holds to dst. Returns 1 if bytes left, 0 if none could, -1 on error."""
+        cdef ssize_t n
+        cdef int err
+        if d.pipe_bytes:
+            n = splice(d.pipe_r, NULL, dst.fd, NULL, d.pipe_bytes, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n > 0:
+                d.pipe_bytes -= <uint32_t>n
+                if not c2u:
+                    c.bytes_out += <uint64_t>n
+                    self.ctr.bytes_to_clients += <uint64_t>n
+                return 1
+            err = fp_errno()
+            if n < 0 and err == EAGAIN:
+                dst.writable = 0
+                return 0
+            if n < 0 and err == EINTR:
+                return 1
+            return -1
+        if d.end > d.start:
+            n = side_write(dst, d.buf + d.start, d.end - d.start)
+            if n > 0:
+                d.start += <uint32_t>n
+                if d.start == d.end:
+                    d.start = d.end = 0
+                if not c2u:
+                    c.bytes_out += <uint64_t>n
+                    self.ctr.bytes_to_clients += <uint64_t>n
+                return 1
+            if n == IO_ERR:
+                return -1
+        return 0
+
     # ------------------------------------------------------------------ pools
-
-    cdef char* _buf_get(self) noexcept nogil:
-        cdef char* b
-        if self.n_bufs > 0:
-            self.n_bufs -= 1
-            b = self.buf_pool[self.n_bufs]
-        else:
-            b = <char*>malloc(RELAY_BUF)
-            if b == NULL:
-                return NULL
-        self.ctr.live_bufs += 1
-        return b
-
-    cdef void _buf_put(self, char* b) noexcept nogil:
-        self.ctr.live_bufs -= 1
-        if self.n_bufs < BUF_POOL_MAX:
-            self.buf_pool[self.n_bufs] = b
-            self.n_bufs += 1
-        else:
-            free(b)
 
     cdef bint _pipe_get(self, Dir* d) noexcept nogil:
         cdef int fds[2]
@@ -795,6 +960,12 @@ cdef class Engine:
                 idle = self.listeners[c.listener].idle_timeout_ms
                 if idle > 0 and self.now - c.active_ms >= idle:
                     self._end(c, R_IDLE_TIMEOUT, 0)
+                elif (c.cl.ssl != NULL and not c.tls_bufs_freed
+                      and self.now - c.active_ms >= TLS_IDLE_FREE_MS):
+                    # Quiet sessions give OpenSSL's ~34 KiB of record buffers back; busy ones
+                    # keep them instead of a malloc/free per record (SSL_MODE_RELEASE_BUFFERS).
+                    SSL_free_buffers(c.cl.ssl)
+                    c.tls_bufs_freed = 1
             elif c.deadline_ms and self.now >= c.deadline_ms:
                 if c.state == ST_HANDSHAKE:
                     self._end(c, R_HANDSHAKE_TIMEOUT, 0)
@@ -817,8 +988,9 @@ cdef class Engine:
                 ERR_clear_error()
                 SSL_shutdown(c.cl.ssl)     # best-effort close_notify
             ERR_clear_error()
-            SSL_free(c.cl.ssl)
+            SSL_free(c.cl.ssl)          # frees our BIO too
             c.cl.ssl = NULL
+        _side_release_input(&c.cl)
         if c.cl.fd >= 0:
             _discard_input(c.cl.fd)
             close(c.cl.fd)
@@ -827,10 +999,10 @@ cdef class Engine:
             close(c.up.fd)
             c.up.fd = -1
         if c.c2u.buf != NULL:
-            self._buf_put(c.c2u.buf)
+            pool_put(&self.pool, c.c2u.buf)
             c.c2u.buf = NULL
         if c.u2c.buf != NULL:
-            self._buf_put(c.u2c.buf)
+            pool_put(&self.pool, c.u2c.buf)
             c.u2c.buf = NULL
         if c.c2u.pipe_r >= 0:
             self._pipe_put(&c.c2u)

@@ -79,10 +79,10 @@ cdef class TLSContext:
         SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION
                             | SSL_OP_CIPHER_SERVER_PREFERENCE
                             | SSL_OP_IGNORE_UNEXPECTED_EOF)
-        # Release the 16 KiB+ record buffers of idle connections; tolerate a retried SSL_write
-        # from a buffer that was compacted in between, and partial writes for backpressure.
-        SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_ENABLE_PARTIAL_WRITE
-                         | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
+        # Partial writes for backpressure; a retried SSL_write may come from a moved buffer.
+        # Record buffers of quiet sessions are released by the engine (SSL_free_buffers), not
+        # by SSL_MODE_RELEASE_BUFFERS, which would malloc/free them for every record.
+        SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
         SSL_CTX_set_session_id_context(ctx, <const unsigned char*>b"fastproxy", 9)
         SSL_CTX_set_num_tickets(ctx, num_tickets)
 

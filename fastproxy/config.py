@@ -344,7 +344,9 @@ def build_config(raw: Mapping[str, Any], *, source: str = CLI_SOURCE, base_dir: 
     """Validate a raw mapping (from TOML or from flags) into a Config. Raises ConfigError."""
     top = _Ctx(source)
     _check_known(top, {k: v for k, v in raw.items() if k != "listener"}, ALL_KEYS)
-    glob = {k: _parse_value(top, k, _GLOBAL_KEYS[k], v, base_dir) for k, v in raw.items() if k in _GLOBAL_KEYS}
+    glob: dict[str, Any] = {
+        k: _parse_value(top, k, _GLOBAL_KEYS[k], v, base_dir) for k, v in raw.items() if k in _GLOBAL_KEYS
+    }
     defaults = {k: v for k, v in raw.items() if k in _LISTENER_KEYS}
 
     tables = raw.get("listener")

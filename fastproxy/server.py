@@ -318,7 +318,7 @@ class _Master:
     def _check_bind(self) -> list[socket.socket]:
         # Bind (without listening) in the master first: a taken port or bad address is
         # reported once, before any fork. Not listening, these sockets get no connections.
-        held = []
+        held: list[socket.socket] = []
         for lc in self.cfg.listeners:
             for a in lc.listen:
                 family = socket.AF_INET6 if ":" in a.host else socket.AF_INET

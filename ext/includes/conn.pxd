@@ -14,6 +14,7 @@ cdef enum:
     BUF_POOL_MAX = 64
     PIPE_POOL_MAX = 64
     ACCEPT_PAUSE_MS = 1000     # after EMFILE/ENFILE
+    TLS_IDLE_FREE_MS = 1000    # give OpenSSL's record buffers back after this much quiet
 
 # Tags in the low bits of epoll_event.data (Conn* is 16-byte aligned by malloc).
 cdef enum:
@@ -56,11 +57,25 @@ cdef enum:
     IO_EOF = -2
     IO_ERR = -3
 
+cdef struct BufPool:
+    # Free RELAY_BUF buffers shared by every connection of an engine; live counts the ones lent.
+    char* bufs[BUF_POOL_MAX]
+    int n
+    uint64_t live
+
 cdef struct Side:
     int fd
     SSL* ssl
+    # TLS sides read the socket through our BIO: one recv fills inbuf (pooled, only while
+    # it holds bytes) and OpenSSL takes its record headers and bodies from there.
+    char* inbuf
+    uint32_t in_off
+    uint32_t in_len
+    uint8_t sock_eof
+    BufPool* pool
     uint8_t readable        # edge-triggered readiness we have not consumed yet
     uint8_t writable
+    uint8_t hup             # epoll reported RDHUP/HUP/ERR: read until EOF, no short-read shortcut
     uint8_t eof             # read side saw EOF / close_notify
     uint8_t shut_wr         # we propagated EOF to this side
 
@@ -88,6 +103,7 @@ cdef struct Conn:
     uint8_t ssl_fatal       # no SSL_shutdown after a fatal error
     uint8_t use_splice
     uint8_t closed
+    uint8_t tls_bufs_freed  # OpenSSL's record buffers released while idle
     Side cl
     Side up
     Dir c2u
@@ -124,6 +140,4 @@ cdef struct Counters:
     uint64_t bytes_to_clients
     uint64_t accept_errors
     uint64_t reasons[<int>R_COUNT]
-    # debug builds: live resources, asserted zero by the tests at teardown
-    uint64_t live_bufs
     uint64_t live_pipes

@@ -29,6 +29,7 @@ cdef extern from "openssl/ssl.h" nogil:
     int SSL_CTX_set_ciphersuites(SSL_CTX* ctx, const char* s)
     unsigned long SSL_CTX_set_options(SSL_CTX* ctx, unsigned long op)
     long SSL_CTX_set_mode(SSL_CTX* ctx, long mode)
+    void SSL_CTX_set_read_ahead(SSL_CTX* ctx, int yes)
     long SSL_CTX_set_session_cache_mode(SSL_CTX* ctx, long mode)
     int SSL_CTX_set_session_id_context(SSL_CTX* ctx, const unsigned char* sid_ctx, unsigned int len)
     int SSL_CTX_set_num_tickets(SSL_CTX* ctx, size_t num)
@@ -75,6 +76,27 @@ cdef extern from "openssl/ssl.h" nogil:
     int SSL_TLSEXT_ERR_OK, SSL_TLSEXT_ERR_NOACK
     int OPENSSL_NPN_NEGOTIATED
     int TLSEXT_NAMETYPE_host_name
+
+cdef extern from "openssl/bio.h" nogil:
+    ctypedef struct BIO_METHOD
+    int BIO_TYPE_SOURCE_SINK
+    int BIO_CTRL_FLUSH
+    int BIO_CTRL_EOF
+    int BIO_get_new_index()
+    BIO_METHOD* BIO_meth_new(int type, const char* name)
+    int BIO_meth_set_write(BIO_METHOD* m, int (*w)(BIO*, const char*, int) noexcept nogil)
+    int BIO_meth_set_read(BIO_METHOD* m, int (*r)(BIO*, char*, int) noexcept nogil)
+    int BIO_meth_set_ctrl(BIO_METHOD* m, long (*c)(BIO*, int, long, void*) noexcept nogil)
+    int BIO_meth_set_create(BIO_METHOD* m, int (*c)(BIO*) noexcept nogil)
+    BIO* BIO_new(const BIO_METHOD* m)
+    void BIO_set_data(BIO* b, void* ptr)
+    void* BIO_get_data(BIO* b)
+    void BIO_set_init(BIO* b, int init)
+    void BIO_set_retry_read(BIO* b)
+    void BIO_set_retry_write(BIO* b)
+    void BIO_clear_retry_flags(BIO* b)
+    void SSL_set_bio(SSL* s, BIO* rbio, BIO* wbio)
+    int SSL_has_pending(const SSL* s)
 
 cdef extern from "openssl/x509.h" nogil:
     X509_NAME* X509_get_subject_name(const X509* x)
