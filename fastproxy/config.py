@@ -320,10 +320,10 @@ def _build_listener(ctx: _Ctx, raw: Mapping[str, Any], base_dir: str, index: int
     for required in ("listen", "upstream"):
         if required not in vals:
             raise ctx.error(required, "is required")
-    cert, key = vals.get("tls_cert"), vals.get("tls_key")
-    if cert and not key:
+    cert, tls_key = vals.get("tls_cert"), vals.get("tls_key")
+    if cert and not tls_key:
         raise ctx.error("tls_key", "is required when tls_cert is set")
-    if key and not cert:
+    if tls_key and not cert:
         raise ctx.error("tls_cert", "is required when tls_key is set")
     if not cert:
         for k in ("tls_min_version", "tls_ciphers", "tls_ciphersuites", "client_ca", "verify", "crl"):

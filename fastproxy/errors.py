@@ -67,3 +67,93 @@ class ProxyHeaderTooLongError(ProxyProtocolError):
         self.max_length = max_length
         what = f"{length} bytes" if length is not None else "the header"
         super().__init__(f"PROXY protocol header too long: {what} > limit of {max_length} bytes")
+
+
+class MQTTProtocolError(FastproxyError):
+    """A client broke the MQTT protocol; raised by fastproxy.mqtt.parse_connect.
+
+    How to answer it:
+      send_connack     True: send build_connack(connack_version, reason_code), then close.
+                       False: close without a CONNACK (MQTT 3.x malformed packet, or the
+                       protocol version is not known yet).
+      connack_version  CONNACK format: 3 or 4 (4 bytes) or 5 (5 bytes); None without a CONNACK.
+      reason_code      The code for that CONNACK (a 3.x return code or a 5.0 reason code). Without
+                       a CONNACK it equals v5_reason_code.
+      v5_reason_code   The MQTT 5.0 reason code that classifies the error whatever the version
+                       (0x81 malformed, 0x82 protocol error, 0x84 unsupported protocol version,
+                       0x90 topic name invalid, 0x95 packet too large): for logs and counters.
+      reason           Short static description, e.g. "reserved connect flag set".
+      version          The protocol level the client sent, None if not received yet.
+      offset           Offset in the packet of the field found to be invalid.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        reason_code: int,
+        send_connack: bool,
+        connack_version: int | None = None,
+        v5_reason_code: int | None = None,
+        version: int | None = None,
+        offset: int = 0,
+    ) -> None:
+        self.reason = reason
+        self.reason_code = reason_code
+        self.send_connack = send_connack
+        self.connack_version = connack_version
+        self.v5_reason_code = reason_code if v5_reason_code is None else v5_reason_code
+        self.version = version
+        self.offset = offset
+        super().__init__(reason)
+
+    def __str__(self) -> str:
+        answer = (
+            f"CONNACK 0x{self.reason_code:02x}" if self.send_connack else "close without CONNACK"
+        )
+        return f"{self.reason} (offset {self.offset}; {answer})"
+
+    def __reduce__(self):  # keyword-only __init__: make pickling (multiprocessing) work
+        return (
+            _rebuild_mqtt_error,
+            (
+                type(self),
+                self.reason,
+                {
+                    "reason_code": self.reason_code,
+                    "send_connack": self.send_connack,
+                    "connack_version": self.connack_version,
+                    "v5_reason_code": self.v5_reason_code,
+                    "version": self.version,
+                    "offset": self.offset,
+                },
+            ),
+        )
+
+
+def _rebuild_mqtt_error(cls: type, reason: str, kwargs: dict) -> MQTTProtocolError:
+    return cls(reason, **kwargs)
+
+
+class MalformedConnect(MQTTProtocolError):
+    """The CONNECT is a Malformed Packet (MQTT 5.0 reason code 0x81): bad lengths, flags,
+    UTF-8, property identifiers, trailing bytes."""
+
+
+class ConnectProtocolError(MQTTProtocolError):
+    """The CONNECT is well-formed but breaks a protocol rule (0x82): first packet not CONNECT,
+    duplicate property, out-of-range property value, authentication data without method."""
+
+
+class UnsupportedProtocolVersion(MQTTProtocolError):
+    """Unknown protocol name, or a protocol name/level pair other than MQIsdp/3, MQTT/4, MQTT/5
+    (0x84; answered with 3.x CONNACK 0x01 when the client asked for a level below 5)."""
+
+
+class TopicNameInvalid(MQTTProtocolError):
+    """The Will Topic (or the will's Response Topic) is not a valid Topic Name: empty or with a
+    wildcard character (0x90)."""
+
+
+class PacketTooLarge(MQTTProtocolError):
+    """The CONNECT is larger than the configured maximum packet size (0x95)."""
