@@ -337,7 +337,7 @@ cdef class Engine:
     def __init__(self, *, on_close=None, max_connections=100000):
         """on_close(record) is called once per connection; record is the tuple
         (listener, addr, port, protocol, reason, bytes_sent, bytes_received, start_wall,
-        duration, detail)."""
+        duration, detail, client_cn)."""
         self.on_close = on_close
         self.has_on_close = on_close is not None
         self.max_conns = max_connections
@@ -1081,7 +1081,23 @@ cdef class Engine:
         elif c.err:
             detail = _os.strerror(c.err)
         return (c.listener, host.decode(), port, protocol, c.reason, c.bytes_out, c.bytes_in,
-                c.t_wall, fp_mono_time() - c.t_mono, detail)
+                c.t_wall, fp_mono_time() - c.t_mono, detail, self._peer_cn(c))
+
+    cdef object _peer_cn(self, Conn* c):
+        # Read at the end of the session from the SSL object, so a connection stores nothing.
+        cdef X509* cert
+        cdef char buf[256]
+        cdef int n
+        if c.cl.ssl == NULL or not c.handshake_done:
+            return None
+        cert = SSL_get1_peer_certificate(c.cl.ssl)
+        if cert == NULL:
+            return None
+        n = X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, buf, sizeof(buf))
+        X509_free(cert)
+        if n < 0:
+            return None
+        return buf[:n].decode("utf-8", "replace")
 
     cdef void _check_signals(self) noexcept with gil:
         # Runs Python-level signal handlers (they may call stop()); KeyboardInterrupt from the

@@ -6,8 +6,9 @@ from ._tls import TLSContext
 # (name, access-log status) per end reason, in the engine's enum order.
 REASONS: tuple[tuple[str, int], ...]
 
-# listener, addr, port, protocol, reason index, bytes_sent, bytes_received, start_wall, duration, detail
-Record = tuple[int, str, int, str, int, int, int, float, float, str | None]
+# listener, addr, port, protocol, reason index, bytes_sent, bytes_received, start_wall, duration,
+# detail, client certificate CN
+Record = tuple[int, str, int, str, int, int, int, float, float, str | None, str | None]
 
 class Engine:
     def __init__(self, *, on_close: Callable[[Record], None] | None = ..., max_connections: int = ...) -> None: ...

@@ -151,13 +151,14 @@ class Proxy:
 
     # -- per-connection callback from the engine (with the GIL, once per connection)
     def _on_close(self, rec: tuple) -> None:
-        li, host, port, protocol, reason_i, sent, received, t0, duration, detail = rec
+        li, host, port, protocol, reason_i, sent, received, t0, duration, detail, cn = rec
         reason, status = REASONS[reason_i]
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]
         if self._access.enabled:
             self._access.write(
-                self._access.format(host, protocol, status, sent, received, duration, reason, end_time=t0 + duration)
+                self._access.format(host, protocol, status, sent, received, duration, reason, cn=cn,
+                                    end_time=t0 + duration)
             )
         if reason != "ok" and self._log_failures:
             name = self._listener_names[li]
@@ -184,6 +185,7 @@ class Proxy:
                     "start": t0,
                     "duration": duration,
                     "detail": detail,
+                    "cn": cn,
                 }
             )
 
