@@ -1090,6 +1090,10 @@ cdef class Engine:
         cdef int n
         if c.cl.ssl == NULL or not c.handshake_done:
             return None
+        # Only a verified certificate is an identity: with `verify optional` a self-signed
+        # "thing001" completes the handshake but must not be logged (or trusted) as thing001.
+        if SSL_get_verify_result(c.cl.ssl) != X509_V_OK:
+            return None
         cert = SSL_get1_peer_certificate(c.cl.ssl)
         if cert == NULL:
             return None
