@@ -71,7 +71,7 @@ C_PARSERS = [p for p in ("ext/src/mqtt_connect.c", "ext/src/proxy_v2.c") if os.p
 
 extensions = [
     ext("_tls", ["ext/_tls.pyx"], ssl=True),
-    ext("_engine", ["ext/_engine.pyx"], ssl=True),
+    ext("_engine", ["ext/_engine.pyx", "ext/src/mqtt_connect.c"], ssl=True),
 ]
 if os.path.exists(os.path.join(HERE, "ext/_mqtt.pyx")):
     extensions.append(ext("_mqtt", ["ext/_mqtt.pyx", "ext/src/mqtt_connect.c"]))

@@ -20,6 +20,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from system cimport *
 from openssl cimport *
 from conn cimport *
+from mqtt cimport *
 
 import os as _os
 
@@ -37,6 +38,9 @@ REASONS = (
     ("upstream-unreachable", 502),
     ("shutdown", 503),
     ("upstream-timeout", 504),
+    ("bad-connect", 400),
+    ("connect-timeout", 400),
+    ("no-connect", 400),
 )
 assert len(REASONS) == R_COUNT
 
@@ -306,6 +310,7 @@ cdef class Engine:
     cdef bint fatal
     cdef object on_close
     cdef bint has_on_close
+    cdef object on_connect
     cdef object pending_exc
     cdef list _keep                   # Python objects whose C pointers we hold (TLS contexts)
 
@@ -334,12 +339,13 @@ cdef class Engine:
         ev.data.u64 = TAG_WAKE
         epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.wake_r, &ev)
 
-    def __init__(self, *, on_close=None, max_connections=100000):
+    def __init__(self, *, on_close=None, on_connect=None, max_connections=100000):
         """on_close(record) is called once per connection; record is the tuple
         (listener, addr, port, protocol, reason, bytes_sent, bytes_received, start_wall,
         duration, detail, client_cn)."""
         self.on_close = on_close
         self.has_on_close = on_close is not None
+        self.on_connect = on_connect
         self.max_conns = max_connections
 
     def __dealloc__(self):
@@ -406,9 +412,14 @@ cdef class Engine:
         return self.n_upstreams - 1
 
     def add_listener(self, int fd, int upstream, *, tls=None, double handshake_timeout=10.0,
-                     double connect_timeout=5.0, double idle_timeout=60.0):
+                     double connect_timeout=5.0, double idle_timeout=60.0, bint mqtt=False,
+                     bint idle_keepalive=False, bint policy=False, double mqtt_connect_timeout=5.0,
+                     unsigned int max_connect_size=65536):
         """Take ownership of a bound, listening socket fd; returns the listener index.
-        tls: a fastproxy._tls.TLSContext or None for plain TCP. Timeouts in seconds (0 = none)."""
+        tls: a fastproxy._tls.TLSContext or None for plain TCP. Timeouts in seconds (0 = none).
+        mqtt: read and check the CONNECT first (within mqtt_connect_timeout, at most
+        max_connect_size bytes); policy: pass each CONNECT to on_connect; idle_keepalive: idle
+        timeout 1.5 x the CONNECT's keepalive instead of idle_timeout."""
         cdef Listener* l
         cdef epoll_event ev
         if self.n_listeners >= MAX_LISTENERS:
@@ -426,6 +437,13 @@ cdef class Engine:
         l.handshake_timeout_ms = <int64_t>(handshake_timeout * 1000)
         l.connect_timeout_ms = <int64_t>(connect_timeout * 1000)
         l.idle_timeout_ms = <int64_t>(idle_timeout * 1000)
+        l.mqtt = mqtt or policy or idle_keepalive
+        l.policy = policy
+        l.idle_keepalive = idle_keepalive
+        l.mqtt_connect_timeout_ms = <int64_t>(mqtt_connect_timeout * 1000)
+        l.max_connect_size = max_connect_size if max_connect_size >= 16 else 16
+        if policy and self.on_connect is None:
+            raise ValueError("policy listeners need an on_connect callback")
         # Fix non-blocking here so accept4 in the loop can never block.
         import fcntl
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -554,6 +572,9 @@ cdef class Engine:
         elif c.state == ST_HANDSHAKE:
             if tag == TAG_CLIENT:
                 self._handshake(c)
+        elif c.state == ST_MQTT_CONNECT:
+            if tag == TAG_CLIENT:
+                self._read_connect(c)
         elif c.state == ST_CONNECTING:
             if tag == TAG_UPSTREAM and c.up.writable:
                 self._connected(c)
@@ -598,6 +619,8 @@ cdef class Engine:
             c.up.fd = -1
             c.c2u.pipe_r = c.c2u.pipe_w = -1
             c.u2c.pipe_r = c.u2c.pipe_w = -1
+            c.upstream = l.upstream
+            c.idle_ms = l.idle_timeout_ms
             c.peer = peer
             c.peer_len = plen
             c.t_wall = fp_wall_time()
@@ -636,7 +659,7 @@ cdef class Engine:
                 c.deadline_ms = self.now + l.handshake_timeout_ms if l.handshake_timeout_ms > 0 else 0
                 self._handshake(c)
             else:
-                self._connect_upstream(c)
+                self._client_ready(c)
 
     cdef void _pause_listeners(self, int64_t ms) noexcept nogil:
         cdef int i
@@ -677,7 +700,7 @@ cdef class Engine:
         if r == 1:
             c.handshake_done = 1
             self.ctr.handshakes += 1
-            self._connect_upstream(c)
+            self._client_ready(c)
             return
         err = SSL_get_error(c.cl.ssl, r)
         if err == SSL_ERROR_WANT_READ:
@@ -691,11 +714,222 @@ cdef class Engine:
             ERR_clear_error()
             self._end(c, R_HANDSHAKE_FAILED, fp_errno() if err == SSL_ERROR_SYSCALL else 0)
 
+    # ------------------------------------------------------------------ MQTT CONNECT
+
+    cdef void _client_ready(self, Conn* c) noexcept nogil:
+        """The client side is usable (TLS done, or plain): read its CONNECT, or connect upstream."""
+        cdef Listener* l = &self.listeners[c.listener]
+        if not l.mqtt:
+            self._connect_upstream(c)
+            return
+        c.state = ST_MQTT_CONNECT
+        c.deadline_ms = self.now + l.mqtt_connect_timeout_ms if l.mqtt_connect_timeout_ms > 0 else 0
+        self._read_connect(c)
+
+    cdef void _read_connect(self, Conn* c) noexcept nogil:
+        """Read into c2u until it holds a whole CONNECT, then check it. Nothing is sent
+        upstream, and no upstream connection exists, before the CONNECT passed."""
+        cdef Listener* l = &self.listeners[c.listener]
+        cdef Dir* d = &c.c2u
+        cdef ssize_t n
+        cdef int r
+        cdef mqtt_connect mc
+        cdef mqtt_connect_error me
+        while True:
+            if d.buf == NULL and not self._dir_alloc(d):
+                self._end(c, R_INTERNAL, ENOMEM)
+                return
+            if d.end == d.cap:
+                # Bigger than a relay buffer: the parser has already checked the declared
+                # length against max_connect_size, so growing to that bound is enough.
+                if d.cap >= l.max_connect_size or not self._dir_grow(d, l.max_connect_size):
+                    self._end(c, R_INTERNAL, ENOMEM)
+                    return
+            n = side_read(&c.cl, d.buf + d.end, d.cap - d.end)
+            if n == IO_ERR:
+                self._end_io(c, -1, 1)
+                return
+            if n > 0:
+                d.end += <uint32_t>n
+                c.bytes_in += <uint64_t>n
+                self.ctr.bytes_from_clients += <uint64_t>n
+                c.active_ms = self.now
+            if d.end > 0 and self._connect_parse_due(c, d):
+                r = mqtt_parse_connect(<const uint8_t*>d.buf, d.end, l.max_connect_size, &mc, &me)
+                if r == MQTT_VALID:
+                    self._connect_valid(c, &mc)
+                    return
+                if r == MQTT_INVALID:
+                    c.detail_static = me.reason
+                    self._refuse(c, me.connack_level if me.send_connack else 0, me.reason_code, R_BAD_CONNECT)
+                    return
+            if n == IO_EOF:
+                self._end(c, R_NO_CONNECT, 0)
+                return
+            if n == IO_AGAIN:
+                return
+
+    cdef bint _connect_parse_due(self, Conn* c, Dir* d) noexcept nogil:
+        # Re-parsing from the start on every byte of a large CONNECT sent one byte per segment
+        # would be quadratic: parse the first bytes (early refusal of garbage and oversized
+        # declarations), then only once the declared length has arrived.
+        cdef uint32_t value = 0, i
+        cdef uint8_t b
+        if d.end <= 64:
+            return True
+        if c.connect_total == 0:
+            for i in range(1, 5):
+                if i >= d.end:
+                    return True
+                b = <uint8_t>d.buf[i]
+                value |= (b & 0x7F) << (7 * (i - 1))
+                if not (b & 0x80):
+                    c.connect_total = 1 + i + value
+                    break
+            else:
+                return True     # a 5-byte length: the parser says why it is invalid
+        return d.end >= c.connect_total
+
+    cdef void _connect_valid(self, Conn* c, mqtt_connect* mc) noexcept nogil:
+        cdef Listener* l = &self.listeners[c.listener]
+        c.mqtt_level = mc.level
+        c.keepalive = mc.keepalive
+        if mc.client_id.len > 0:
+            c.client_id = <char*>malloc(mc.client_id.len)
+            if c.client_id != NULL:
+                memcpy(c.client_id, mc.client_id.ptr, mc.client_id.len)
+                c.client_id_len = <uint16_t>mc.client_id.len
+        if l.idle_keepalive:
+            # MQTT: the server may close after 1.5 keepalive periods without a packet; a
+            # keepalive of 0 turns the mechanism off, and so the idle timeout.
+            c.idle_ms = <int64_t>mc.keepalive * 1500
+        if l.policy:
+            if self._ask_policy(c, mc) < 0:
+                return
+        self._connect_upstream(c)
+
+    cdef void _refuse(self, Conn* c, int level, int code, int reason) noexcept nogil:
+        """Answer with CONNACK(code) in the client's protocol level (none when level is 0),
+        then close."""
+        cdef uint8_t pkt[8]
+        cdef int n
+        if level and code >= 0:
+            n = mqtt_build_connack(<uint8_t>level, <uint8_t>code, pkt, sizeof(pkt))
+            if n > 0 and side_write(&c.cl, <const char*>pkt, <size_t>n) > 0:
+                c.bytes_out += <uint64_t>n
+                self.ctr.bytes_to_clients += <uint64_t>n
+            elif c.cl.ssl != NULL:
+                ERR_clear_error()
+        self._end(c, reason, 0)
+
+    cdef int _ask_policy(self, Conn* c, mqtt_connect* mc) noexcept with gil:
+        """Python decides about this CONNECT (once per connection). Returns 0 to go on, -1 when
+        the connection was refused or the callback failed (then run() re-raises)."""
+        cdef Dir* d = &c.c2u
+        cdef bytes pkt
+        cdef bytes new_id
+        cdef long n
+        cdef int code
+        cdef size_t rest, cap
+        cdef char* b
+        try:
+            pkt = d.buf[d.start:d.start + mc.packet_len]
+            action, rc5, upstream, new_id_obj = self.on_connect(
+                (c.listener, self._peer_host(c), self._peer_port(c), pkt, self._peer_der(c),
+                 self._peer_verified(c)))
+            if action != 0:
+                code = mqtt_connack_code(c.mqtt_level, <uint8_t>rc5)
+                self._refuse(c, c.mqtt_level if code >= 0 else 0, code, R_DENIED)
+                return -1
+            if upstream is not None:
+                if not (0 <= upstream < self.n_upstreams):
+                    raise ValueError(f"policy chose unknown upstream {upstream}")
+                c.upstream = upstream
+            if new_id_obj is not None:
+                new_id = new_id_obj
+                rest = d.end - d.start - mc.packet_len
+                cap = mc.packet_len + len(new_id) + 8 + rest
+                b = <char*>malloc(cap)
+                if b == NULL:
+                    raise MemoryError()
+                n = mqtt_rewrite_client_id(<const uint8_t*>d.buf + d.start, mc.packet_len, mc,
+                                           <const uint8_t*><char*>new_id, len(new_id),
+                                           <uint8_t*>b, cap - rest)
+                if n < 0:
+                    free(b)
+                    raise ValueError(f"cannot rewrite the ClientId (error {n})")
+                memcpy(b + n, d.buf + d.start + mc.packet_len, rest)
+                self._dir_release(d)
+                d.buf = b
+                d.cap = <uint32_t>cap       # != RELAY_BUF: freed, not pooled
+                d.start = 0
+                d.end = <uint32_t>(n + rest)
+                if c.client_id != NULL:
+                    free(c.client_id)
+                    c.client_id = NULL
+                    c.client_id_len = 0
+                if len(new_id):
+                    c.client_id = <char*>malloc(len(new_id))
+                    if c.client_id != NULL:
+                        memcpy(c.client_id, <char*>new_id, len(new_id))
+                        c.client_id_len = <uint16_t>len(new_id)
+            return 0
+        except BaseException as e:
+            self.pending_exc = e
+            self.fatal = True
+            self._end(c, R_INTERNAL, 0)
+            return -1
+
+    cdef object _peer_host(self, Conn* c):
+        cdef char host[64]
+        host[0] = 0
+        if c.peer.ss_family == AF_INET:
+            inet_ntop(AF_INET, &(<sockaddr_in*>&c.peer).sin_addr, host, sizeof(host))
+        elif c.peer.ss_family == AF_INET6:
+            inet_ntop(AF_INET6, &(<sockaddr_in6*>&c.peer).sin6_addr, host, sizeof(host))
+        return host.decode()
+
+    cdef int _peer_port(self, Conn* c):
+        if c.peer.ss_family == AF_INET:
+            return ntohs((<sockaddr_in*>&c.peer).sin_port)
+        if c.peer.ss_family == AF_INET6:
+            return ntohs((<sockaddr_in6*>&c.peer).sin6_port)
+        return 0
+
+    cdef object _peer_der(self, Conn* c):
+        """The client certificate (DER) or None; decoded in Python only when policy asks."""
+        cdef X509* cert
+        cdef unsigned char* der = NULL
+        cdef int n
+        if c.cl.ssl == NULL:
+            return None
+        cert = SSL_get1_peer_certificate(c.cl.ssl)
+        if cert == NULL:
+            return None
+        n = i2d_X509(cert, &der)
+        X509_free(cert)
+        if n <= 0:
+            ERR_clear_error()
+            return None
+        out = der[:n]
+        OPENSSL_free(der)
+        return out
+
+    cdef bint _peer_verified(self, Conn* c):
+        cdef X509* cert
+        if c.cl.ssl == NULL:
+            return False
+        cert = SSL_get1_peer_certificate(c.cl.ssl)
+        if cert == NULL:
+            return False
+        X509_free(cert)
+        return SSL_get_verify_result(c.cl.ssl) == X509_V_OK
+
     # ------------------------------------------------------------------ upstream connect
 
     cdef void _connect_upstream(self, Conn* c) noexcept nogil:
         cdef Listener* l = &self.listeners[c.listener]
-        cdef Upstream* u = &self.upstreams[l.upstream]
+        cdef Upstream* u = &self.upstreams[c.upstream]
         cdef int fd, r, err
         cdef epoll_event ev
         fd = socket(u.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
@@ -815,9 +1049,7 @@ cdef class Engine:
             c.tls_bufs_freed = 0
         # Idle directions give their buffer / pipe back to the pool.
         if d.buf != NULL and d.end == d.start:
-            pool_put(&self.pool, d.buf)
-            d.buf = NULL
-            d.start = d.end = 0
+            self._dir_release(d)
         if d.pipe_r >= 0 and d.pipe_bytes == 0:
             self._pipe_put(d)
         if src.eof and d.end == d.start and d.pipe_bytes == 0:
@@ -829,12 +1061,10 @@ cdef class Engine:
         Returns 1 if bytes or EOF arrived, 0 if nothing, -1 on a read error, -3 without memory."""
         cdef ssize_t n
         cdef int got = 0
-        if d.buf == NULL:
-            d.buf = pool_get(&self.pool)
-            if d.buf == NULL:
-                return -3
-        while d.end < RELAY_BUF:
-            n = side_read(src, d.buf + d.end, RELAY_BUF - d.end)
+        if d.buf == NULL and not self._dir_alloc(d):
+            return -3
+        while d.end < d.cap:
+            n = side_read(src, d.buf + d.end, d.cap - d.end)
             if n > 0:
                 d.end += <uint32_t>n
                 got = 1
@@ -920,6 +1150,39 @@ cdef class Engine:
 
     # ------------------------------------------------------------------ pools
 
+    cdef bint _dir_alloc(self, Dir* d) noexcept nogil:
+        d.buf = pool_get(&self.pool)
+        if d.buf == NULL:
+            return False
+        d.cap = RELAY_BUF
+        d.start = d.end = 0
+        return True
+
+    cdef void _dir_release(self, Dir* d) noexcept nogil:
+        if d.buf != NULL:
+            if d.cap == RELAY_BUF:
+                pool_put(&self.pool, d.buf)
+            else:
+                free(d.buf)     # a large CONNECT's own buffer
+            d.buf = NULL
+        d.cap = 0
+        d.start = d.end = 0
+
+    cdef bint _dir_grow(self, Dir* d, uint32_t cap) noexcept nogil:
+        cdef char* b = <char*>malloc(cap)
+        if b == NULL:
+            return False
+        memcpy(b, d.buf + d.start, d.end - d.start)
+        d.end -= d.start
+        d.start = 0
+        if d.cap == RELAY_BUF:
+            pool_put(&self.pool, d.buf)
+        else:
+            free(d.buf)
+        d.buf = b
+        d.cap = cap
+        return True
+
     cdef bint _pipe_get(self, Dir* d) noexcept nogil:
         cdef int fds[2]
         if self.n_pipes > 0:
@@ -957,7 +1220,7 @@ cdef class Engine:
         while c != NULL:
             nxt = c.next
             if c.state == ST_RELAY:
-                idle = self.listeners[c.listener].idle_timeout_ms
+                idle = c.idle_ms
                 if idle > 0 and self.now - c.active_ms >= idle:
                     self._end(c, R_IDLE_TIMEOUT, 0)
                 elif (c.cl.ssl != NULL and not c.tls_bufs_freed
@@ -969,6 +1232,8 @@ cdef class Engine:
             elif c.deadline_ms and self.now >= c.deadline_ms:
                 if c.state == ST_HANDSHAKE:
                     self._end(c, R_HANDSHAKE_TIMEOUT, 0)
+                elif c.state == ST_MQTT_CONNECT:
+                    self._end(c, R_CONNECT_TIMEOUT, 0)
                 elif c.state == ST_CONNECTING:
                     self._end(c, R_UPSTREAM_TIMEOUT, ETIMEDOUT)
             c = nxt
@@ -998,12 +1263,11 @@ cdef class Engine:
         if c.up.fd >= 0:
             close(c.up.fd)
             c.up.fd = -1
-        if c.c2u.buf != NULL:
-            pool_put(&self.pool, c.c2u.buf)
-            c.c2u.buf = NULL
-        if c.u2c.buf != NULL:
-            pool_put(&self.pool, c.u2c.buf)
-            c.u2c.buf = NULL
+        self._dir_release(&c.c2u)
+        self._dir_release(&c.u2c)
+        if c.client_id != NULL:
+            free(c.client_id)
+            c.client_id = NULL
         if c.c2u.pipe_r >= 0:
             self._pipe_put(&c.c2u)
         if c.u2c.pipe_r >= 0:
@@ -1078,10 +1342,13 @@ cdef class Engine:
             detail = errbuf.decode("utf-8", "replace")
             if c.verify_result != X509_V_OK:
                 detail += " (certificate: " + X509_verify_cert_error_string(c.verify_result).decode() + ")"
+        elif c.detail_static != NULL:
+            detail = c.detail_static.decode("utf-8", "replace")
         elif c.err:
             detail = _os.strerror(c.err)
+        client_id = c.client_id[:c.client_id_len].decode("utf-8", "replace") if c.client_id != NULL else None
         return (c.listener, host.decode(), port, protocol, c.reason, c.bytes_out, c.bytes_in,
-                c.t_wall, fp_mono_time() - c.t_mono, detail, self._peer_cn(c))
+                c.t_wall, fp_mono_time() - c.t_mono, detail, self._peer_cn(c), client_id)
 
     cdef object _peer_cn(self, Conn* c):
         # Read at the end of the session from the SSL object, so a connection stores nothing.

@@ -50,6 +50,113 @@ cdef str _last_error():
     return buf.decode("utf-8", "replace")
 
 
+cdef str _name_str(X509_NAME* name):
+    cdef BIO* bio = BIO_new(BIO_s_mem())
+    cdef char* data = NULL
+    cdef long n
+    if bio == NULL:
+        raise MemoryError()
+    try:
+        X509_NAME_print_ex(bio, name, 0, XN_FLAG_RFC2253)
+        n = BIO_get_mem_data(bio, &data)
+        return data[:n].decode("utf-8", "replace") if n > 0 else ""
+    finally:
+        BIO_free(bio)
+
+
+cdef object _common_name(X509_NAME* name):
+    # The last CN (the most specific one, as OpenSSL and nginx pick it), as proper UTF-8.
+    cdef int i = -1, last = -1
+    cdef unsigned char* utf8 = NULL
+    cdef int n
+    while True:
+        i = X509_NAME_get_index_by_NID(name, NID_commonName, i)
+        if i < 0:
+            break
+        last = i
+    if last < 0:
+        return None
+    n = ASN1_STRING_to_UTF8(&utf8, X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, last)))
+    if n < 0:
+        ERR_clear_error()
+        return None
+    try:
+        return utf8[:n].decode("utf-8", "replace")
+    finally:
+        OPENSSL_free(utf8)
+
+
+cdef object _tm_timestamp(const ASN1_TIME* t):
+    import calendar
+    cdef tm v
+    if t == NULL or ASN1_TIME_to_tm(t, &v) != 1:
+        return None
+    return calendar.timegm((v.tm_year + 1900, v.tm_mon + 1, v.tm_mday, v.tm_hour, v.tm_min, v.tm_sec, 0, 0, 0))
+
+
+def certificate_info(bytes der not None):
+    """Fields of a DER certificate for policy code: subject and issuer (RFC 2253), cn,
+    subject alternative names, serial (hex), SHA-256 fingerprint (hex), validity (Unix time)."""
+    cdef const unsigned char* p = der
+    cdef X509* x = d2i_X509(NULL, &p, len(der))
+    cdef GENERAL_NAMES* names
+    cdef GENERAL_NAME* gn
+    cdef unsigned char md[64]
+    cdef unsigned int mdlen = 0
+    cdef BIGNUM* bn
+    cdef char* hexs
+    cdef int i, num
+    cdef const unsigned char* data
+    if x == NULL:
+        ERR_clear_error()
+        raise ValueError("not a DER certificate")
+    try:
+        dns, emails, uris, ips = [], [], [], []
+        names = <GENERAL_NAMES*>X509_get_ext_d2i(x, NID_subject_alt_name, NULL, NULL)
+        if names != NULL:
+            num = OPENSSL_sk_num(<OPENSSL_STACK*>names)
+            for i in range(num):
+                gn = <GENERAL_NAME*>OPENSSL_sk_value(<OPENSSL_STACK*>names, i)
+                if gn.type in (GEN_DNS, GEN_EMAIL, GEN_URI):
+                    data = ASN1_STRING_get0_data(gn.d.ia5)
+                    v = data[:ASN1_STRING_length(gn.d.ia5)].decode("ascii", "replace")
+                    (dns if gn.type == GEN_DNS else emails if gn.type == GEN_EMAIL else uris).append(v)
+                elif gn.type == GEN_IPADD:
+                    import ipaddress
+                    data = ASN1_STRING_get0_data(gn.d.iPAddress)
+                    raw = data[:ASN1_STRING_length(gn.d.iPAddress)]
+                    if len(raw) in (4, 16):
+                        ips.append(str(ipaddress.ip_address(raw)))
+            GENERAL_NAMES_free(names)
+        serial = None
+        bn = ASN1_INTEGER_to_BN(X509_get_serialNumber(x), NULL)
+        if bn != NULL:
+            hexs = BN_bn2hex(bn)
+            if hexs != NULL:
+                serial = hexs.decode().lower()
+                OPENSSL_free(hexs)
+            BN_free(bn)
+        fingerprint = None
+        if X509_digest(x, EVP_sha256(), md, &mdlen) == 1:
+            fingerprint = md[:mdlen].hex()
+        ERR_clear_error()
+        return {
+            "subject": _name_str(X509_get_subject_name(x)),
+            "issuer": _name_str(X509_get_issuer_name(x)),
+            "cn": _common_name(X509_get_subject_name(x)),
+            "san_dns": dns,
+            "san_email": emails,
+            "san_uri": uris,
+            "san_ip": ips,
+            "serial": serial,
+            "fingerprint_sha256": fingerprint,
+            "not_before": _tm_timestamp(X509_get0_notBefore(x)),
+            "not_after": _tm_timestamp(X509_get0_notAfter(x)),
+        }
+    finally:
+        X509_free(x)
+
+
 def openssl_version():
     """The version string of the OpenSSL library this module is linked against."""
     return OpenSSL_version(OPENSSL_VERSION).decode()

@@ -1,6 +1,9 @@
 """Typed interface of the compiled TLS context module (ext/_tls.pyx)."""
 
+from typing import Any
+
 def openssl_version() -> str: ...
+def certificate_info(der: bytes) -> dict[str, Any]: ...
 
 class TLSContext:
     verify: str

@@ -26,9 +26,14 @@ _VALUE_FLAGS: list[tuple[str, str, str]] = [
     ("verify", "MODE", "client certificates: required (default with --client-ca), optional or none"),
     ("verify_depth", "N", "maximum client certificate chain depth (default 1)"),
     ("crl", "FILE", "certificate revocation list (PEM) checked for client certificates"),
+    ("mqtt", "on|off", "read and check each client's MQTT CONNECT before connecting upstream (default on)"),
+    ("connect_timeout", "DUR", "the client's MQTT CONNECT must arrive within this (default 5s)"),
+    ("max_connect_size", "SIZE", "largest CONNECT accepted, e.g. 64KiB (default)"),
+    ("clientid_template", "TEMPLATE", "ClientId must equal this expanded from the certificate, e.g. '{cn}', 'dev-{san_dns}'"),
+    ("policy", "MODULE:FUNC", "Python policy hook called with each CONNECT (see fastproxy.policy)"),
     ("upstream_connect_timeout", "DUR", "timeout for connecting to the broker (default 5s)"),
     ("handshake_timeout", "DUR", "TLS handshake timeout (default 10s)"),
-    ("idle_timeout", "DUR", "close a session idle in both directions this long (default 60s)"),
+    ("idle_timeout", "DUR|keepalive", "close a session idle this long (default 60s); 'keepalive': 1.5 x the CONNECT's"),
     ("backlog", "N", "listen backlog (default 4096)"),
     ("name", "NAME", "listener name used in logs"),
     ("workers", "N|auto", "worker processes sharing the port with SO_REUSEPORT (default 1)"),
@@ -37,6 +42,13 @@ _VALUE_FLAGS: list[tuple[str, str, str]] = [
     ("error_log", "PATH|-", "error log file, '-' for stderr (default -)"),
     ("log_level", "LEVEL", "debug, info, warning or error (default info)"),
     ("max_connections", "N", "per-worker connection limit (default 100000)"),
+]
+
+
+_BOOL_FLAGS: list[tuple[str, str]] = [
+    ("require_clientid_cn", "the CONNECT's ClientId must equal the client certificate's CN"),
+    ("require_username_cn", "the CONNECT's username must equal the client certificate's CN"),
+    ("clientid_from_cn", "an empty ClientId is replaced by the certificate's CN (EMQX peer_cert_as_clientid)"),
 ]
 
 
@@ -50,16 +62,32 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     for key, metavar, help_ in _VALUE_FLAGS:
         p.add_argument(flag_for(key), dest=key, metavar=metavar, help=help_)
+    for key, help_ in _BOOL_FLAGS:
+        p.add_argument(flag_for(key), dest=key, action="store_true", default=None, help=help_)
+    p.add_argument(
+        "--named-upstream",
+        metavar="NAME=ADDR",
+        action="append",
+        help="an upstream a policy may route to by name (repeatable; file: [upstreams] NAME = ADDR)",
+    )
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if ns.listen:
         out["listen"] = ns.listen if len(ns.listen) > 1 else ns.listen[0]
-    for key, _, _ in _VALUE_FLAGS:
+    for key in [k for k, _, _ in _VALUE_FLAGS] + [k for k, _ in _BOOL_FLAGS]:
         v = getattr(ns, key, None)
         if v is not None:
             out[key] = v
+    if ns.named_upstream:
+        named = {}
+        for item in ns.named_upstream:
+            name, sep, addr = item.partition("=")
+            if not sep or not name:
+                raise ConfigError(f"expected NAME=ADDR, got {item!r}", source="command line", key="--named-upstream")
+            named[name] = addr
+        out["upstreams"] = named
     return out
 
 

@@ -80,7 +80,17 @@ class ListenerConfig:
     upstream_connect_timeout: float = C.UPSTREAM_CONNECT_TIMEOUT_S
     handshake_timeout: float = C.HANDSHAKE_TIMEOUT_S
     idle_timeout: float = C.IDLE_TIMEOUT_S
+    idle_keepalive: bool = False        # idle_timeout = "keepalive": 1.5 x each CONNECT's keepalive
     backlog: int = C.LISTEN_BACKLOG
+    # MQTT awareness: the CONNECT is read and checked before the upstream is connected.
+    mqtt: bool = True
+    connect_timeout: float = C.MQTT_CONNECT_TIMEOUT_S
+    max_connect_size: int = C.MAX_CONNECT_SIZE
+    require_clientid_cn: bool = False
+    require_username_cn: bool = False
+    clientid_template: str | None = None
+    clientid_from_cn: bool = False
+    policy: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -98,6 +108,7 @@ class Config:
     error_log: str = "-"
     log_level: str = "info"
     max_connections: int = C.MAX_CONNECTIONS
+    upstreams: tuple[tuple[str, Address], ...] = ()   # named upstreams, for policy routing
     source: str = CLI_SOURCE
 
     def with_overrides(self, **kw: Any) -> "Config":
@@ -121,8 +132,16 @@ _LISTENER_KEYS: dict[str, str] = {
     "crl": "file",
     "upstream_connect_timeout": "duration",
     "handshake_timeout": "duration",
-    "idle_timeout": "duration",
+    "idle_timeout": "idle",
     "backlog": "posint",
+    "mqtt": "bool",
+    "connect_timeout": "duration",
+    "max_connect_size": "size",
+    "require_clientid_cn": "bool",
+    "require_username_cn": "bool",
+    "clientid_template": "template",
+    "clientid_from_cn": "bool",
+    "policy": "hook",
 }
 _GLOBAL_KEYS: dict[str, str] = {
     "workers": "workers",
@@ -131,6 +150,7 @@ _GLOBAL_KEYS: dict[str, str] = {
     "error_log": "log_target",
     "log_level": "log_level",
     "max_connections": "posint",
+    "upstreams": "named_addresses",
 }
 ALL_KEYS = {**_LISTENER_KEYS, **_GLOBAL_KEYS}
 
@@ -175,6 +195,26 @@ def parse_duration(value: Any) -> float:
             scale = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0}[m.group(2)]
             return float(m.group(1)) * scale
     raise ValueError(f"expected a duration such as 5, '5s' or '500ms', got {value!r}")
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|k|K|KB|M|MB)?\s*$")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an integer or '64KiB', '1MiB'. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 65536 or '64KiB', got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        unit = m.group(2) or "B"
+        n = int(m.group(1)) * {"B": 1, "KiB": 1024, "k": 1024, "K": 1024, "KB": 1024,
+                               "MiB": 1 << 20, "M": 1 << 20, "MB": 1 << 20}[unit]
+    else:
+        raise ValueError(f"expected a size such as 65536 or '64KiB', got {value!r}")
+    if not (16 <= n <= 1 << 28):
+        raise ValueError(f"size {n} is out of range 16 bytes - 256 MiB")
+    return n
 
 
 def parse_address(value: Any, *, listen: bool = False) -> Address:
@@ -261,6 +301,45 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
             if not os.access(path, os.R_OK):
                 raise ValueError(f"file not readable: {path}")
             return path
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("on", "yes", "true", "1", "off", "no", "false", "0"):
+                return value.lower() in ("on", "yes", "true", "1")
+            raise ValueError(f"expected true or false, got {value!r}")
+        if kind == "idle":
+            if value == "keepalive":
+                return value
+            return parse_duration(value)
+        if kind == "size":
+            return parse_size(value)
+        if kind == "template":
+            from .policy import TEMPLATE_FIELDS, template_fields
+
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"expected a template such as '{{cn}}', got {value!r}")
+            try:
+                used = template_fields(value)
+            except ValueError as e:
+                raise ValueError(f"bad template {value!r}: {e}") from None
+            bad = [f for f in used if f not in TEMPLATE_FIELDS]
+            if bad or not used:
+                raise ValueError(f"template fields must be among {{{'}, {'.join(TEMPLATE_FIELDS)}}}, got {value!r}")
+            return value
+        if kind == "hook":
+            if not isinstance(value, str) or value.count(":") != 1 or value.startswith(":") or value.endswith(":"):
+                raise ValueError(f"expected module:function, got {value!r}")
+            return value
+        if kind == "named_addresses":
+            if not isinstance(value, dict):
+                raise ValueError("expected a table of name = \"host:port\"")
+            out = []
+            for name, addr in value.items():
+                try:
+                    out.append((name, parse_address(addr)))
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+            return tuple(out)
         if kind == "path":
             if not isinstance(value, str) or not value:
                 raise ValueError(f"expected a file or directory path, got {value!r}")
@@ -336,6 +415,17 @@ def _build_listener(ctx: _Ctx, raw: Mapping[str, Any], base_dir: str, index: int
         raise ctx.error("client_ca", f"is required with verify = {vals['verify']}")
     if vals.get("crl") and not vals.get("client_ca"):
         raise ctx.error("crl", "needs client_ca")
+    if vals.get("idle_timeout") == "keepalive":
+        vals["idle_keepalive"] = True
+        vals["idle_timeout"] = C.IDLE_TIMEOUT_S
+    identity_checks = [k for k in ("require_clientid_cn", "require_username_cn", "clientid_template", "clientid_from_cn")
+                       if vals.get(k)]
+    for k in identity_checks + ["policy"] * bool(vals.get("policy")) + ["idle_timeout"] * bool(vals.get("idle_keepalive")):
+        if vals.get("mqtt") is False:
+            raise ctx.error(k, "needs MQTT awareness, but mqtt = false")
+    for k in identity_checks:
+        if not vals.get("client_ca"):
+            raise ctx.error(k, "needs client certificates (client_ca, with TLS on the listener)")
     vals.setdefault("name", f"listener{index}")
     return ListenerConfig(**vals)
 

@@ -85,14 +85,17 @@ class MQTTProtocolError(FastproxyError):
       reason           Short static description, e.g. "reserved connect flag set".
       version          The protocol level the client sent, None if not received yet.
       offset           Offset in the packet of the field found to be invalid.
+
+    The keyword arguments have defaults so that BaseException's pickling, which calls
+    cls(reason) and then restores the attributes, works (errors can cross process boundaries).
     """
 
     def __init__(
         self,
         reason: str,
         *,
-        reason_code: int,
-        send_connack: bool,
+        reason_code: int = 0x81,
+        send_connack: bool = False,
         connack_version: int | None = None,
         v5_reason_code: int | None = None,
         version: int | None = None,
@@ -112,27 +115,6 @@ class MQTTProtocolError(FastproxyError):
             f"CONNACK 0x{self.reason_code:02x}" if self.send_connack else "close without CONNACK"
         )
         return f"{self.reason} (offset {self.offset}; {answer})"
-
-    def __reduce__(self):  # keyword-only __init__: make pickling (multiprocessing) work
-        return (
-            _rebuild_mqtt_error,
-            (
-                type(self),
-                self.reason,
-                {
-                    "reason_code": self.reason_code,
-                    "send_connack": self.send_connack,
-                    "connack_version": self.connack_version,
-                    "v5_reason_code": self.v5_reason_code,
-                    "version": self.version,
-                    "offset": self.offset,
-                },
-            ),
-        )
-
-
-def _rebuild_mqtt_error(cls: type, reason: str, kwargs: dict) -> MQTTProtocolError:
-    return cls(reason, **kwargs)
 
 
 class MalformedConnect(MQTTProtocolError):

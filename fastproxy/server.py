@@ -14,11 +14,13 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 from typing import Any, Callable
 
 from .config import Address, Config, ListenerConfig
 from .errors import ConfigError, EngineNotBuiltError
 from .log import AccessLog, server_log, setup_error_log, tls_log, upstream_log
+from .policy import ConnectGate, PolicyHook, load_hook, needs_gate
 from .tls import build_context
 
 try:
@@ -80,6 +82,8 @@ def check_config(cfg: Config) -> list[str]:
     warnings = []
     for i, lc in enumerate(cfg.listeners):
         build_context(lc, source=cfg.source, index=i if len(cfg.listeners) > 1 else None)
+        if lc.policy:
+            load_hook(lc.policy, source=cfg.source, key=_key(cfg, i, "policy"))
         if not lc.upstream.is_loopback:
             warnings.append(
                 f"{lc.name}: upstream {lc.upstream} is not a loopback or unix address: "
@@ -88,6 +92,14 @@ def check_config(cfg: Config) -> list[str]:
         if not lc.tls and any(not a.is_loopback for a in lc.listen):
             warnings.append(f"{lc.name}: listens on {lc.listen[0]} without TLS")
     return warnings
+
+
+def _key(cfg: Config, index: int, key: str) -> str:
+    from .config import CLI_SOURCE, flag_for
+
+    if cfg.source == CLI_SOURCE:
+        return flag_for(key)
+    return f"listener[{index}].{key}" if len(cfg.listeners) > 1 else key
 
 
 class Proxy:
@@ -102,6 +114,7 @@ class Proxy:
         config: Config,
         *,
         on_record: Callable[[dict], None] | None = None,
+        policy: PolicyHook | None = None,
         reuseport: bool = False,
         access_log: AccessLog | None = None,
     ) -> None:
@@ -114,12 +127,18 @@ class Proxy:
         self._listener_names: list[str] = []
         self.addresses: list[list[tuple[str, int]]] = []
         self._log_failures = server_log.isEnabledFor(logging.INFO)
-        self.engine = eng.Engine(on_close=self._on_close, max_connections=config.max_connections)
+        self.refusals: Counter[str] = Counter()
+        self._gates: list[ConnectGate | None] = []
+        self.engine = eng.Engine(on_close=self._on_close, on_connect=self._on_connect,
+                                 max_connections=config.max_connections)
         socks: list[socket.socket] = []
         try:
+            named = {name: self._add_upstream(addr) for name, addr in config.upstreams}
             for i, lc in enumerate(config.listeners):
                 ctx = build_context(lc, source=config.source, index=i if len(config.listeners) > 1 else None)
-                up = self._add_upstream(lc)
+                up = self._add_upstream(lc.upstream)
+                hook = load_hook(lc.policy, source=config.source, key=_key(config, i, "policy")) if lc.policy else policy
+                gate = ConnectGate(lc, hook=hook, upstreams=named, counters=self.refusals) if needs_gate(lc, hook) else None
                 bound = []
                 for addr in lc.listen:
                     s = bind_listener(addr, lc.backlog, reuseport=reuseport)
@@ -132,8 +151,14 @@ class Proxy:
                         handshake_timeout=lc.handshake_timeout,
                         connect_timeout=lc.upstream_connect_timeout,
                         idle_timeout=lc.idle_timeout,
+                        mqtt=lc.mqtt,
+                        idle_keepalive=lc.idle_keepalive,
+                        policy=gate is not None,
+                        mqtt_connect_timeout=lc.connect_timeout,
+                        max_connect_size=lc.max_connect_size,
                     )
                     self._listener_names.append(lc.name)
+                    self._gates.append(gate)
                 self.addresses.append(bound)
         except BaseException:
             for s in socks:
@@ -142,23 +167,27 @@ class Proxy:
             self.engine = None  # closes detached listeners
             raise
 
-    def _add_upstream(self, lc: ListenerConfig) -> int:
-        a = lc.upstream
+    def _add_upstream(self, a: Address) -> int:
         if a.is_unix:
             assert a.path is not None
             return self.engine.add_upstream(socket.AF_UNIX, a.path, 0)
         return self.engine.add_upstream(a.family, a.host, a.port)
 
-    # -- per-connection callback from the engine (with the GIL, once per connection)
+    # -- per-connection callbacks from the engine (with the GIL, once per connection)
+    def _on_connect(self, rec: tuple) -> tuple:
+        gate = self._gates[rec[0]]
+        assert gate is not None
+        return gate(rec)
+
     def _on_close(self, rec: tuple) -> None:
-        li, host, port, protocol, reason_i, sent, received, t0, duration, detail, cn = rec
+        li, host, port, protocol, reason_i, sent, received, t0, duration, detail, cn, client_id = rec
         reason, status = REASONS[reason_i]
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]
         if self._access.enabled:
             self._access.write(
-                self._access.format(host, protocol, status, sent, received, duration, reason, cn=cn,
-                                    end_time=t0 + duration)
+                self._access.format(host, protocol, status, sent, received, duration, reason, clientid=client_id,
+                                    cn=cn, end_time=t0 + duration)
             )
         if reason != "ok" and self._log_failures:
             name = self._listener_names[li]
@@ -169,6 +198,8 @@ class Proxy:
                 )
             elif reason in _CLIENT_FAILURES:
                 tls_log.info("%s: client %s:%d: %s%s", name, host, port, reason, f": {detail}" if detail else "")
+            elif reason in ("bad-connect", "connect-timeout"):
+                server_log.info("%s: client %s:%d: %s%s", name, host, port, reason, f": {detail}" if detail else "")
             elif reason == "internal-error":
                 server_log.error("%s: client %s:%d: %s%s", name, host, port, reason, f": {detail}" if detail else "")
         if self._on_record is not None:
@@ -186,6 +217,7 @@ class Proxy:
                     "duration": duration,
                     "detail": detail,
                     "cn": cn,
+                    "client_id": client_id,
                 }
             )
 
@@ -235,8 +267,12 @@ class Proxy:
                 raise err
 
     def stats(self) -> dict[str, int]:
-        """The engine's counters: accepted, active, handshakes, bytes, closed_<reason>, ..."""
-        return self.engine.stats()
+        """The engine's counters (accepted, active, handshakes, bytes, closed_<reason>, ...) and
+        refusals by cause (refused: <reason>)."""
+        st = self.engine.stats()
+        for why, n in self.refusals.items():
+            st[f"refused: {why}"] = n
+        return st
 
     def close(self) -> None:
         self._access.close()

@@ -1,5 +1,5 @@
 # Types of the compiled engine (cimported by _engine.pyx): connection state machine, relay directions, counters.
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, uintptr_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
 from system cimport sockaddr_storage, socklen_t, epoll_event
 from openssl cimport SSL, SSL_CTX
 
@@ -25,8 +25,10 @@ cdef enum:
     TAG_MASK = 7
 
 # Connection states. Transitions:
-#   accept ──TLS──▶ HANDSHAKE ──done──▶ CONNECTING ──SO_ERROR 0──▶ RELAY ──both EOFs flushed──▶ CLOSED
-#   accept ──plain─────────────────────▶ CONNECTING
+#   accept ──TLS──▶ HANDSHAKE ──done──▶ MQTT_CONNECT ──CONNECT valid, policy allows──▶ CONNECTING
+#   accept ──plain────────────────────▶ MQTT_CONNECT          (listeners with mqtt = false skip it)
+#   CONNECTING ──SO_ERROR 0──▶ RELAY ──both EOFs flushed──▶ CLOSED
+#   MQTT_CONNECT ──invalid / denied──▶ CONNACK with a reason code (where MQTT allows) ──▶ CLOSED
 #   any ──error / timeout / shutdown──▶ CLOSED (freed after the current epoll batch)
 cdef enum ConnState:
     ST_NEW = 0
@@ -34,6 +36,7 @@ cdef enum ConnState:
     ST_CONNECTING = 2
     ST_RELAY = 3
     ST_CLOSED = 4
+    ST_MQTT_CONNECT = 5
 
 # Why a connection ended; names and log status codes are in _engine.pyx REASONS.
 cdef enum EndReason:
@@ -49,6 +52,9 @@ cdef enum EndReason:
     R_UPSTREAM_UNREACHABLE
     R_SHUTDOWN
     R_UPSTREAM_TIMEOUT
+    R_BAD_CONNECT
+    R_CONNECT_TIMEOUT
+    R_NO_CONNECT
     R_COUNT
 
 # Results of one read or write on a side.
@@ -81,8 +87,10 @@ cdef struct Side:
 
 cdef struct Dir:
     # Bytes read from one side not yet written to the other: either in a pooled buffer
-    # (TLS on a side) or in a pooled pipe (splice, plain on both sides).
+    # (TLS on a side) or in a pooled pipe (splice, plain on both sides). cap is RELAY_BUF for
+    # pooled buffers; a CONNECT larger than that gets a buffer of its own, freed after use.
     char* buf
+    uint32_t cap
     uint32_t start
     uint32_t end
     int pipe_r
@@ -104,6 +112,14 @@ cdef struct Conn:
     uint8_t use_splice
     uint8_t closed
     uint8_t tls_bufs_freed  # OpenSSL's record buffers released while idle
+    uint8_t mqtt_level      # protocol level of the CONNECT (3, 4, 5), 0 before it
+    uint16_t keepalive
+    uint16_t client_id_len
+    char* client_id         # copy of the CONNECT's ClientId (malloc'd), for the access log
+    const char* detail_static   # static reason of a refusal (parser), for logs
+    int upstream            # index chosen for this session
+    int64_t idle_ms         # this session's idle timeout (keepalive-aware listeners set it)
+    uint32_t connect_total  # CONNECT length once its fixed header is known, 0 before
     Side cl
     Side up
     Dir c2u
@@ -123,8 +139,13 @@ cdef struct Listener:
     SSL_CTX* ssl_ctx
     int upstream
     int64_t handshake_timeout_ms
-    int64_t connect_timeout_ms
+    int64_t connect_timeout_ms      # upstream connect
     int64_t idle_timeout_ms
+    uint8_t mqtt                    # read and check the CONNECT before connecting upstream
+    uint8_t idle_keepalive          # idle timeout = 1.5 x the CONNECT's keepalive
+    uint8_t policy                  # ask Python (on_connect) about each CONNECT
+    int64_t mqtt_connect_timeout_ms # the CONNECT must arrive within this
+    uint32_t max_connect_size
 
 cdef struct Upstream:
     sockaddr_storage addr

@@ -102,6 +102,7 @@ cdef extern from "openssl/x509.h" nogil:
     X509_NAME* X509_get_subject_name(const X509* x)
     int X509_NAME_get_text_by_NID(X509_NAME* name, int nid, char* buf, int len)
     void X509_free(X509* x)
+    int i2d_X509(X509* x, unsigned char** out)
     int NID_commonName
     int X509_V_OK
     const char* X509_verify_cert_error_string(long n)
@@ -111,6 +112,7 @@ cdef extern from "openssl/x509.h" nogil:
     int X509_STORE_load_file(X509_STORE* st, const char* file)
 
 cdef extern from "openssl/crypto.h" nogil:
+    void OPENSSL_free(void* p)
     const char* OpenSSL_version(int t)
     int OPENSSL_VERSION
 
@@ -126,3 +128,54 @@ cdef extern from "openssl/err.h" nogil:
 cdef extern from "ssl_compat.h" nogil:
     unsigned long SSL_OP_IGNORE_UNEXPECTED_EOF
     X509* SSL_get1_peer_certificate(const SSL* ssl)
+
+# Certificate inspection (_tls.certificate_info)
+cdef extern from "openssl/x509v3.h" nogil:
+    ctypedef struct ASN1_STRING
+    ctypedef struct ASN1_INTEGER
+    ctypedef struct ASN1_TIME
+    ctypedef struct X509_NAME_ENTRY
+    ctypedef struct BIGNUM
+    ctypedef struct EVP_MD
+    ctypedef struct OPENSSL_STACK
+    ctypedef struct GENERAL_NAMES
+    ctypedef union GENERAL_NAME_d:
+        ASN1_STRING* ia5
+        ASN1_STRING* iPAddress
+    ctypedef struct GENERAL_NAME:
+        int type
+        GENERAL_NAME_d d
+    int GEN_EMAIL, GEN_DNS, GEN_URI, GEN_IPADD
+    int NID_subject_alt_name
+    unsigned long XN_FLAG_RFC2253
+    X509* d2i_X509(X509** px, const unsigned char** inp, long len)
+    X509_NAME* X509_get_issuer_name(const X509* x)
+    int X509_NAME_print_ex(BIO* out, const X509_NAME* nm, int indent, unsigned long flags)
+    int X509_NAME_get_index_by_NID(X509_NAME* name, int nid, int lastpos)
+    X509_NAME_ENTRY* X509_NAME_get_entry(const X509_NAME* name, int loc)
+    ASN1_STRING* X509_NAME_ENTRY_get_data(const X509_NAME_ENTRY* ne)
+    int ASN1_STRING_to_UTF8(unsigned char** out, const ASN1_STRING* inp)
+    const unsigned char* ASN1_STRING_get0_data(const ASN1_STRING* x)
+    int ASN1_STRING_length(const ASN1_STRING* x)
+    ASN1_INTEGER* X509_get_serialNumber(X509* x)
+    BIGNUM* ASN1_INTEGER_to_BN(const ASN1_INTEGER* ai, BIGNUM* bn)
+    char* BN_bn2hex(const BIGNUM* a)
+    void BN_free(BIGNUM* a)
+    const EVP_MD* EVP_sha256()
+    int X509_digest(const X509* data, const EVP_MD* type, unsigned char* md, unsigned int* len)
+    const ASN1_TIME* X509_get0_notAfter(const X509* x)
+    const ASN1_TIME* X509_get0_notBefore(const X509* x)
+    void* X509_get_ext_d2i(const X509* x, int nid, int* crit, int* idx)
+    void GENERAL_NAMES_free(GENERAL_NAMES* a)
+    int OPENSSL_sk_num(const OPENSSL_STACK* st)
+    void* OPENSSL_sk_value(const OPENSSL_STACK* st, int i)
+    const BIO_METHOD* BIO_s_mem()
+    int BIO_free(BIO* b)
+    long BIO_get_mem_data(BIO* b, char** pp)
+
+cdef extern from "time.h" nogil:
+    cdef struct tm:
+        int tm_sec, tm_min, tm_hour, tm_mday, tm_mon, tm_year
+
+cdef extern from "openssl/asn1.h" nogil:
+    int ASN1_TIME_to_tm(const ASN1_TIME* s, tm* t)

@@ -1,0 +1,241 @@
+"""Who may connect: the CONNECT checks and the user's policy hook, once per connection.
+
+The engine reads and validates the CONNECT in C, then (when a listener has a check or a hook)
+calls the listener's `ConnectGate` with the raw packet, the client certificate and the client
+address. The gate runs the built-in identity checks, then the user's hook, and answers with a
+decision the engine applies: forward to an upstream (possibly with a rewritten ClientId), or
+refuse with a CONNACK reason code. Nothing reaches the broker before this answer.
+
+A policy hook is any callable::
+
+    def policy(connect: ConnectInfo, cert: PeerCertificate | None, client: tuple[str, int]):
+        return Allow() | Deny(ReasonCode.NOT_AUTHORIZED, "why") | Route("eu-brokers") | None
+
+`None` means allow. Reason codes are MQTT 5.0 codes; a 3.1/3.1.1 client gets the CONNACK return
+code with the same meaning (0x85 -> 0x02 identifier rejected, 0x87 -> 0x05 not authorized, ...).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Union
+
+from .config import ListenerConfig
+from .errors import ConfigError
+from .mqtt import ConnectInfo, ReasonCode, parse_connect
+
+log = logging.getLogger("fastproxy.policy")
+
+# MQTT 3.x return codes -> the MQTT 5.0 reason code of the same meaning.
+_V3_TO_V5 = {0x01: 0x84, 0x02: 0x85, 0x03: 0x88, 0x04: 0x86, 0x05: 0x87}
+
+
+@dataclass(frozen=True)
+class PeerCertificate:
+    """The client certificate, as policy sees it. `verified` is False for a certificate that
+    failed verification under `verify optional`: it is then no proof of identity."""
+
+    verified: bool
+    subject: str
+    issuer: str
+    cn: str | None
+    san_dns: tuple[str, ...] = ()
+    san_email: tuple[str, ...] = ()
+    san_uri: tuple[str, ...] = ()
+    san_ip: tuple[str, ...] = ()
+    serial: str | None = None
+    fingerprint_sha256: str | None = None
+    not_before: int | None = None
+    not_after: int | None = None
+    der: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True)
+class Allow:
+    """Let the client through, to `upstream` (a name from [upstreams]) or the listener's;
+    `client_id` replaces the CONNECT's ClientId on the way."""
+
+    upstream: str | None = None
+    client_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Deny:
+    reason_code: int = ReasonCode.NOT_AUTHORIZED
+    reason: str = "denied by policy"
+
+
+def Route(upstream: str) -> Allow:
+    """Allow, to the named upstream."""
+    return Allow(upstream=upstream)
+
+
+Decision = Union[Allow, Deny, None]
+PolicyHook = Callable[[ConnectInfo, Optional[PeerCertificate], "tuple[str, int]"], Decision]
+
+
+def load_hook(spec: str, *, source: str, key: str) -> PolicyHook:
+    """'package.module:function' -> the callable. Raises ConfigError naming the key."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ConfigError(f"expected module:function, got {spec!r}", source=source, key=key)
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:  # ImportError, or the module failing at import
+        raise ConfigError(f"cannot import {mod_name!r}: {e}", source=source, key=key) from None
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"{mod_name!r} has no callable {attr!r}", source=source, key=key)
+    return fn
+
+
+def certificate(der: bytes | None, verified: bool) -> PeerCertificate | None:
+    if not der:
+        return None
+    from ._tls import certificate_info
+
+    i = certificate_info(der)
+    return PeerCertificate(
+        verified=verified,
+        subject=i["subject"],
+        issuer=i["issuer"],
+        cn=i["cn"],
+        san_dns=tuple(i["san_dns"]),
+        san_email=tuple(i["san_email"]),
+        san_uri=tuple(i["san_uri"]),
+        san_ip=tuple(i["san_ip"]),
+        serial=i["serial"],
+        fingerprint_sha256=i["fingerprint_sha256"],
+        not_before=i["not_before"],
+        not_after=i["not_after"],
+        der=der,
+    )
+
+
+def template_fields(spec: str) -> list[str]:
+    """Certificate fields a ClientId template uses; ConfigError-free check by the caller."""
+    return [f for _, f, _, _ in string.Formatter().parse(spec) if f]
+
+
+TEMPLATE_FIELDS = ("cn", "san_dns", "san_email", "san_uri", "serial", "fingerprint")
+
+
+def _expand(template: str, cert: PeerCertificate) -> set[str]:
+    """Every ClientId the template allows for this certificate (one per SAN value)."""
+    multi = {"san_dns": cert.san_dns, "san_email": cert.san_email, "san_uri": cert.san_uri}
+    single: dict[str, str | None] = {"cn": cert.cn, "serial": cert.serial, "fingerprint": cert.fingerprint_sha256}
+    used = template_fields(template)
+    choices: list[dict[str, str]] = [{}]
+    for f in used:
+        one = single.get(f)
+        values: list[str] = list(multi[f]) if f in multi else ([one] if one else [])
+        choices = [{**c, f: v} for c in choices for v in values]
+    return {template.format(**c) for c in choices}
+
+
+class ConnectGate:
+    """One listener's decision function, called by the engine with
+    (listener, addr, port, connect_bytes, cert_der, cert_verified) and answering
+    (action, reason_code_v5, upstream_index | None, new_client_id_bytes | None)."""
+
+    def __init__(
+        self,
+        lc: ListenerConfig,
+        *,
+        hook: PolicyHook | None,
+        upstreams: Mapping[str, int],
+        counters: Counter,
+    ) -> None:
+        self.lc = lc
+        self.hook = hook
+        self.upstreams = upstreams
+        self.counters = counters
+
+    def __call__(self, rec: tuple) -> tuple[int, int, int | None, bytes | None]:
+        _, host, port, pkt, der, verified = rec
+        info = parse_connect(pkt, max_size=None)
+        assert info is not None  # the engine only calls with a whole, valid CONNECT
+        cert = certificate(der, verified)
+        try:
+            decision = self._decide(info, cert, (host, port))
+        except Exception:
+            log.exception("%s: policy failed for client %s:%d (ClientId %r); refusing", self.lc.name, host, port,
+                          info.client_id)
+            self.counters["policy-error"] += 1
+            return (1, ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, None, None)
+        if isinstance(decision, Deny):
+            code = _V3_TO_V5.get(decision.reason_code, decision.reason_code)
+            self.counters[decision.reason] += 1
+            log.warning(
+                "%s: refused client %s:%d ClientId %r CN %r: %s (reason code 0x%02x)",
+                self.lc.name, host, port, info.client_id, cert.cn if cert else None, decision.reason, code,
+            )
+            return (1, code, None, None)
+        upstream = None
+        new_id = None
+        if decision is not None:
+            if decision.upstream is not None:
+                try:
+                    upstream = self.upstreams[decision.upstream]
+                except KeyError:
+                    log.error("%s: policy routed to unknown upstream %r; refusing", self.lc.name, decision.upstream)
+                    self.counters["policy-error"] += 1
+                    return (1, ReasonCode.SERVER_UNAVAILABLE, None, None)
+            if decision.client_id is not None and decision.client_id != info.client_id:
+                new_id = decision.client_id.encode("utf-8")
+        return (0, 0, upstream, new_id)
+
+    def _decide(self, info: ConnectInfo, cert: PeerCertificate | None, client: tuple[str, int]) -> Decision:
+        lc = self.lc
+        identity = cert.cn if cert is not None and cert.verified else None
+        rewrite: str | None = None
+        if lc.clientid_from_cn and info.client_id == "" and identity:
+            rewrite = identity  # EMQX's peer_cert_as_clientid
+        client_id = rewrite if rewrite is not None else info.client_id
+        if lc.require_clientid_cn:
+            if identity is None:
+                return Deny(ReasonCode.NOT_AUTHORIZED, "no verified client certificate")
+            if client_id != identity:
+                return Deny(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, "ClientId does not match certificate CN")
+        if lc.require_username_cn:
+            if identity is None:
+                return Deny(ReasonCode.NOT_AUTHORIZED, "no verified client certificate")
+            if info.username != identity:
+                return Deny(ReasonCode.NOT_AUTHORIZED, "username does not match certificate CN")
+        if lc.clientid_template:
+            if cert is None or not cert.verified:
+                return Deny(ReasonCode.NOT_AUTHORIZED, "no verified client certificate")
+            if client_id not in _expand(lc.clientid_template, cert):
+                return Deny(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, "ClientId does not match the certificate template")
+        decision: Decision = None
+        if self.hook is not None:
+            if rewrite is not None:
+                info = _with_client_id(info, rewrite)
+            decision = self.hook(info, cert, client)
+            if decision is not None and not isinstance(decision, (Allow, Deny)):
+                raise TypeError(f"policy returned {decision!r}; expected Allow, Deny, Route(...) or None")
+        if rewrite is not None and not isinstance(decision, Deny):
+            d = decision if isinstance(decision, Allow) else Allow()
+            if d.client_id is None:
+                decision = Allow(upstream=d.upstream, client_id=rewrite)
+        return decision
+
+
+def _with_client_id(info: ConnectInfo, client_id: str) -> ConnectInfo:
+    from dataclasses import replace
+
+    return replace(info, client_id=client_id)
+
+
+def needs_gate(lc: ListenerConfig, hook: PolicyHook | None) -> bool:
+    return bool(
+        hook is not None
+        or lc.policy
+        or lc.require_clientid_cn
+        or lc.require_username_cn
+        or lc.clientid_template
+        or lc.clientid_from_cn
+    )
