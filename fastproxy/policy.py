@@ -165,7 +165,7 @@ class ConnectGate:
             log.exception("%s: policy failed for client %s:%d (ClientId %r); refusing", self.lc.name, host, port,
                           info.client_id)
             self.counters["policy-error"] += 1
-            return (1, ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, None, None)
+            return (1, ReasonCode.SERVER_UNAVAILABLE, None, None)
         if isinstance(decision, Deny):
             code = _V3_TO_V5.get(decision.reason_code, decision.reason_code)
             self.counters[decision.reason] += 1
