@@ -12,6 +12,9 @@ At most one RELAY_BUF buffer (or one pipe, with splice) per direction is held, a
 while bytes are in flight: an idle connection holds neither.
 """
 from libc.stdlib cimport malloc, calloc, free
+
+cdef extern from "malloc.h" nogil:
+    int malloc_trim(size_t pad)
 from libc.string cimport memset, memcpy, strlen
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
 from cpython.pycapsule cimport PyCapsule_GetPointer
@@ -300,6 +303,8 @@ cdef class Engine:
     cdef int64_t now
     cdef int64_t last_sweep
     cdef int64_t accept_paused_until
+    cdef int64_t last_trim
+    cdef int trim_debt
     cdef bint listeners_paused
     cdef bint running
     cdef bint finished
@@ -1217,6 +1222,7 @@ cdef class Engine:
         cdef Conn* c = self.conns
         cdef Conn* nxt
         cdef int64_t idle
+        cdef int freed = 0
         while c != NULL:
             nxt = c.next
             if c.state == ST_RELAY:
@@ -1227,7 +1233,8 @@ cdef class Engine:
                       and self.now - c.active_ms >= TLS_IDLE_FREE_MS):
                     # Quiet sessions give OpenSSL's ~34 KiB of record buffers back; busy ones
                     # keep them instead of a malloc/free per record (SSL_MODE_RELEASE_BUFFERS).
-                    SSL_free_buffers(c.cl.ssl)
+                    if SSL_free_buffers(c.cl.ssl):
+                        freed += 1
                     c.tls_bufs_freed = 1
             elif c.deadline_ms and self.now >= c.deadline_ms:
                 if c.state == ST_HANDSHAKE:
@@ -1237,6 +1244,13 @@ cdef class Engine:
                 elif c.state == ST_CONNECTING:
                     self._end(c, R_UPSTREAM_TIMEOUT, ETIMEDOUT)
             c = nxt
+        self.trim_debt += freed
+        if self.trim_debt >= TRIM_AFTER_FREES and self.now - self.last_trim >= TRIM_INTERVAL_MS:
+            # Record buffers freed by quiet sessions sit between long-lived allocations; glibc
+            # keeps those pages resident until asked. Rate-limited: malloc_trim walks the heap.
+            malloc_trim(0)
+            self.trim_debt = 0
+            self.last_trim = self.now
 
     cdef void _end(self, Conn* c, int reason, int err) noexcept nogil:
         """Close both sides, report the record to Python, and queue c for freeing."""

@@ -174,7 +174,7 @@ cdef class TLSContext:
 
     def __init__(self, str cert not None, str key not None, *, str min_version="TLSv1.2",
                  str ciphers="HIGH:!aNULL:!MD5", ciphersuites=None, client_ca=None,
-                 str verify="none", int verify_depth=1, crl=None, int num_tickets=2):
+                 str verify="none", int verify_depth=1, crl=None, int num_tickets=1):
         cdef int encrypted = 0
         cdef bytes b
         ERR_clear_error()
@@ -191,6 +191,11 @@ cdef class TLSContext:
         # by SSL_MODE_RELEASE_BUFFERS, which would malloc/free them for every record.
         SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
         SSL_CTX_set_session_id_context(ctx, <const unsigned char*>b"fastproxy", 9)
+        # Resumption by stateless tickets only: a server-side cache would keep every TLS 1.2
+        # session, client certificate included, in memory (20480 by default).
+        SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF)
+        # One TLS 1.3 ticket is enough for a device to resume; each costs an encryption per
+        # handshake (OpenSSL's default is two).
         SSL_CTX_set_num_tickets(ctx, num_tickets)
 
         if min_version == "TLSv1.3":

@@ -385,3 +385,30 @@ def start_proxy(run_fastproxy, certs):
         return run_fastproxy(*args, *extra, **kw)
 
     return start
+
+
+# ----------------------------------------------------------------------------- device identity
+# (appended for tests/test_identity.py, tests/test_mqtt_gate.py, tests/test_policy.py)
+
+
+@pytest.fixture(scope="session")
+def identity_certs(certs, tmp_path_factory) -> U.IdentityCerts:
+    """Extra client certificates from the test CA: CN=sensor-7 with two SAN DNS names (plus an
+    email and a URI SAN), CN=thing002, and one without a CN."""
+    return U.make_identity_certs(certs, tmp_path_factory.mktemp("idcerts"))
+
+
+@pytest.fixture
+def echo_server():
+    """A plain TCP echo server on loopback (not MQTT): .port, .accepted, .received."""
+    srv = U.EchoServer()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def fake_broker():
+    """A minimal MQTT 'broker' that never times clients out (CONNACK 0, PINGRESP)."""
+    srv = U.FakeBroker()
+    yield srv
+    srv.close()

@@ -689,3 +689,334 @@ def run_cli(*args: str, timeout: float = 30.0, env: dict | None = None) -> subpr
         timeout=timeout,
         start_new_session=True,  # no controlling terminal: a passphrase prompt cannot block
     )
+
+
+# ----------------------------------------------------------------------------- device identity
+# (appended for tests/test_identity.py, tests/test_mqtt_gate.py, tests/test_policy.py)
+
+
+@dataclass
+class IdentityCerts:
+    """More client certificates signed by the test CA of make_certs (all with clientAuth)."""
+
+    dir: Path
+    sensor_cert: str  # CN=sensor-7; SAN DNS a.sensor-7.example, b.sensor-7.example; email; URI
+    sensor_key: str
+    sensor_dns: tuple[str, ...]
+    sensor_email: str
+    sensor_uri: str
+    thing002_cert: str  # CN=thing002
+    thing002_key: str
+    nocn_cert: str  # subject O only, no CN
+    nocn_key: str
+
+
+def make_identity_certs(certs: Certs, directory: Path) -> IdentityCerts:
+    """Issue the extra client certificates with the CA of `certs` (same style as make_certs)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    ca_cert = x509.load_pem_x509_certificate(Path(certs.ca_cert).read_bytes())
+    ca_key = serialization.load_pem_private_key(Path(certs.ca_key).read_bytes(), password=None)
+
+    def issue(fname: str, cn: str | None, sans: list | None = None) -> tuple[str, str]:
+        k = ec.generate_private_key(ec.SECP256R1())
+        attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fastproxy tests")]
+        if cn is not None:
+            attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name(attrs))
+            .issuer_name(ca_cert.subject)
+            .public_key(k.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _dt.timedelta(days=1))
+            .not_valid_after(now + _dt.timedelta(days=825))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        )
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        c = b.sign(ca_key, hashes.SHA256())
+        cert_p, key_p = directory / f"{fname}.crt", directory / f"{fname}.key"
+        cert_p.write_bytes(c.public_bytes(serialization.Encoding.PEM))
+        key_p.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+        os.chmod(key_p, 0o600)
+        return str(cert_p), str(key_p)
+
+    dns = ("a.sensor-7.example", "b.sensor-7.example")
+    email, uri = "sensor-7@devices.example", "urn:dev:sensor-7"
+    sensor = issue("sensor-7", "sensor-7", [x509.DNSName(d) for d in dns]
+                   + [x509.RFC822Name(email), x509.UniformResourceIdentifier(uri)])
+    thing002 = issue("thing002", "thing002")
+    nocn = issue("nocn", None)
+    return IdentityCerts(directory, sensor[0], sensor[1], dns, email, uri, thing002[0], thing002[1], nocn[0], nocn[1])
+
+
+def cert_der(pem_path: str) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(Path(pem_path).read_text())
+
+
+@dataclass
+class ConnectOutcome:
+    """What a raw client saw after sending its first bytes (see try_connect)."""
+
+    connack: bytes | None  # the whole CONNACK packet, None if none came
+    closed: bool  # the proxy closed the connection (EOF, reset or TLS alert) within the timeout
+    local_port: int  # the client's source port (the proxy logs ADDR:PORT)
+    error: str | None = None  # handshake / socket error, if any
+
+    @property
+    def code(self) -> int | None:
+        """The CONNACK return code (3.x) / reason code (5.0), or None without a CONNACK."""
+        return None if self.connack is None else self.connack[3]
+
+
+def _read_one_packet(sock: socket.socket, timeout: float) -> tuple[bytes | None, str]:
+    """The first MQTT packet (raw), or None with 'eof' / 'error: ...' / 'timeout'."""
+    buf = bytearray()
+    deadline = time.monotonic() + timeout
+    while True:
+        if len(buf) >= 2:
+            length, mult, i = 0, 1, 1
+            complete_header = False
+            while i < len(buf) and i <= 4:
+                b = buf[i]
+                length += (b & 0x7F) * mult
+                mult *= 128
+                i += 1
+                if not b & 0x80:
+                    complete_header = True
+                    break
+            if complete_header and len(buf) >= i + length:
+                return bytes(buf[: i + length]), "packet"
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None, "timeout"
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except (socket.timeout, TimeoutError):
+            return None, "timeout"
+        except ssl.SSLWantReadError:
+            continue
+        except (ssl.SSLError, OSError) as e:
+            return None, f"error: {e!r}"
+        if not chunk:
+            return None, "eof"
+        buf += chunk
+
+
+def try_connect(port: int, first_bytes: bytes, *, tls_ctx: ssl.SSLContext | None = None,
+                timeout: float = 10.0, split: bool = False) -> ConnectOutcome:
+    """Open a connection (TLS when tls_ctx), send first_bytes (all at once, or one byte per
+    write with TCP_NODELAY when split), read the answer: a CONNACK with code 0 is followed by
+    DISCONNECT; any other outcome waits (bounded) for the proxy to close."""
+    try:
+        s = socket.create_connection((HOST, port), timeout=timeout)
+    except OSError as e:
+        return ConnectOutcome(None, True, 0, f"connect: {e!r}")
+    local = s.getsockname()[1]
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls_ctx is not None:
+            try:
+                s = tls_ctx.wrap_socket(s, server_hostname=HOST)
+            except (ssl.SSLError, OSError) as e:
+                return ConnectOutcome(None, True, local, f"handshake: {e!r}")
+        try:
+            if split:
+                for i in range(len(first_bytes)):
+                    s.sendall(first_bytes[i:i + 1])
+                    time.sleep(0.005)
+            else:
+                s.sendall(first_bytes)
+        except (ssl.SSLError, OSError) as e:
+            # the proxy may refuse (and close) before everything was sent
+            pkt, how = _read_one_packet(s, 1.0)
+            return ConnectOutcome(pkt if pkt and pkt[0] == 0x20 else None, True, local, f"send: {e!r}")
+        pkt, how = _read_one_packet(s, timeout)
+        if pkt is not None and pkt[0] == 0x20 and pkt[3] == 0:
+            try:
+                s.sendall(DISCONNECT)  # the broker then closes, and so does the proxy
+                wait_closed(s, timeout)
+            except OSError:
+                pass
+            return ConnectOutcome(pkt, False, local)
+        if pkt is None:
+            return ConnectOutcome(None, how != "timeout", local, None if how in ("eof", "timeout") else how)
+        closed, _, _ = wait_closed(s, timeout)
+        return ConnectOutcome(pkt, closed, local)
+    finally:
+        s.close()
+
+
+NEW_CONNECTION_RE = re.compile(r"New connection from \S+")
+NEW_CLIENT_RE = re.compile(r"New client connected from \S+ as (\S*) \(")
+
+
+def broker_connections(log: str) -> int:
+    """How many TCP connections Mosquitto accepted, from its log."""
+    return len(NEW_CONNECTION_RE.findall(log))
+
+
+def broker_client_ids(log: str) -> list[str]:
+    """ClientIds of the clients Mosquitto accepted ("New client connected from ... as ID (...)")."""
+    return NEW_CLIENT_RE.findall(log)
+
+
+class EchoServer:
+    """A loopback TCP server that echoes every byte back (not MQTT); counts its connections."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((HOST, 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.received = bytearray()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        with conn:
+            try:
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        conn.shutdown(socket.SHUT_WR)
+                        return
+                    self.received += data
+                    conn.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        self.thread.join(5)
+
+
+class FakeBroker:
+    """A loopback 'broker' that answers CONNECT with CONNACK 0 (in the client's version),
+    PINGREQ with PINGRESP, never closes on its own and never times anyone out; keeps what
+    each connection sent. For timing tests where Mosquitto's own keepalive would interfere."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((HOST, 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[bytearray] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def upstream(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError:
+                return
+            got = bytearray()
+            self.conns.append(got)
+            threading.Thread(target=self._session, args=(conn, got), daemon=True).start()
+
+    def _session(self, conn: socket.socket, got: bytearray) -> None:
+        conn.settimeout(60)
+        with conn:
+            try:
+                first = True
+                while not self._stop.is_set():
+                    ptype, flags, body = read_packet(conn)
+                    raw = bytes([ptype << 4 | flags]) + varint(len(body)) + body
+                    got += raw
+                    if first and ptype == 1:
+                        level = body[2 + body[1]] if len(body) > 2 else 4
+                        conn.sendall(b"\x20\x03\x00\x00\x00" if level == 5 else b"\x20\x02\x00\x00")
+                    elif ptype == 12:
+                        conn.sendall(b"\xd0\x00")
+                    elif ptype == 14:
+                        return
+                    first = False
+            except (OSError, ConnectionError):
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        self.thread.join(5)
+
+
+def paho_connack(port: int, certs: Certs, client_id: str, *, version: int = 4, certfile: str | None = None,
+                 keyfile: str | None = None, username: str | None = None, password: str | None = None,
+                 timeout: float = 10.0) -> int | None:
+    """Connect once with paho-mqtt (no retry, no reconnect) and return the CONNACK code it read:
+    the 3.1.1 return code for version 4, the 5.0 reason code for version 5; None without one."""
+    import warnings
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got: dict = {}
+    done = threading.Event()
+
+    # Callback API version 1 hands MQTT 3.1.1 clients the raw CONNACK return code (version 2
+    # converts it to a 5.0 reason code).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        c = mqtt.Client(CallbackAPIVersion.VERSION1, client_id=client_id,
+                        protocol=mqtt.MQTTv5 if version == 5 else mqtt.MQTTv311, reconnect_on_failure=False)
+
+    def on_connect(client, userdata, flags, rc, properties=None):
+        got["rc"] = rc.value if hasattr(rc, "value") else int(rc)
+        done.set()
+
+    def on_disconnect(client, userdata, *args):
+        done.set()
+
+    c.on_connect = on_connect
+    c.on_disconnect = on_disconnect
+    c.tls_set(ca_certs=certs.ca_cert, certfile=certfile, keyfile=keyfile)
+    if username is not None:
+        c.username_pw_set(username, password)
+    try:
+        c.connect(HOST, port, keepalive=30)
+    except (ssl.SSLError, OSError):
+        return None
+    c.loop_start()
+    try:
+        done.wait(timeout)
+        if got.get("rc") == 0:
+            c.disconnect()
+    finally:
+        c.loop_stop()
+    return got.get("rc")

@@ -15,6 +15,8 @@ cdef enum:
     PIPE_POOL_MAX = 64
     ACCEPT_PAUSE_MS = 1000     # after EMFILE/ENFILE
     TLS_IDLE_FREE_MS = 1000    # give OpenSSL's record buffers back after this much quiet
+    TRIM_AFTER_FREES = 64      # malloc_trim once this many sessions released buffers...
+    TRIM_INTERVAL_MS = 5000    # ...at most this often
 
 # Tags in the low bits of epoll_event.data (Conn* is 16-byte aligned by malloc).
 cdef enum:
