@@ -67,16 +67,14 @@ def ext(name: str, sources: list[str], ssl: bool = False) -> Extension:
 
 # Plain C parsers live in ext/src and are linked into every module that needs them, so the
 # engine calls them without a Python hop and the wrappers expose them to tests and fuzzers.
-C_PARSERS = [p for p in ("ext/src/mqtt_connect.c", "ext/src/proxy_v2.c") if os.path.exists(os.path.join(HERE, p))]
-
 extensions = [
     ext("_tls", ["ext/_tls.pyx"], ssl=True),
-    ext("_engine", ["ext/_engine.pyx", "ext/src/mqtt_connect.c"], ssl=True),
+    ext("_engine", ["ext/_engine.pyx", "ext/src/mqtt_connect.c", "ext/src/proxy_v2.c"], ssl=True),
 ]
-if os.path.exists(os.path.join(HERE, "ext/_mqtt.pyx")):
-    extensions.append(ext("_mqtt", ["ext/_mqtt.pyx", "ext/src/mqtt_connect.c"]))
-if os.path.exists(os.path.join(HERE, "ext/_proxyproto.pyx")):
-    extensions.append(ext("_proxyproto", ["ext/_proxyproto.pyx", "ext/src/proxy_v2.c"]))
+extensions += [
+    ext("_mqtt", ["ext/_mqtt.pyx", "ext/src/mqtt_connect.c"]),
+    ext("_proxyproto", ["ext/_proxyproto.pyx", "ext/src/proxy_v2.c"]),
+]
 
 # FASTPROXY_ONLY=_mqtt,_tls builds a subset (quick iteration on one module).
 _only = [m for m in os.environ.get("FASTPROXY_ONLY", "").split(",") if m]

@@ -15,7 +15,7 @@ from libc.stdlib cimport malloc, calloc, free
 
 cdef extern from "malloc.h" nogil:
     int malloc_trim(size_t pad)
-from libc.string cimport memset, memcpy, strlen
+from libc.string cimport memset, memcpy, memmove, strlen
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from cpython.exc cimport PyErr_CheckSignals
@@ -24,6 +24,7 @@ from system cimport *
 from openssl cimport *
 from conn cimport *
 from mqtt cimport *
+from proxyproto cimport *
 
 import os as _os
 
@@ -407,7 +408,7 @@ cdef class Engine:
         elif family == AF_UNIX:
             au = <sockaddr_un*>&u.addr
             au.sun_family = AF_UNIX
-            if len(b) >= sizeof(au.sun_path):
+            if len(b) >= <Py_ssize_t>sizeof(au.sun_path):
                 raise ValueError(f"unix socket path too long: {host_or_path!r}")
             memcpy(au.sun_path, <char*>b, len(b))
             u.addr_len = <socklen_t>(sizeof(sa_family_t) + len(b) + 1)
@@ -419,12 +420,18 @@ cdef class Engine:
     def add_listener(self, int fd, int upstream, *, tls=None, double handshake_timeout=10.0,
                      double connect_timeout=5.0, double idle_timeout=60.0, bint mqtt=False,
                      bint idle_keepalive=False, bint policy=False, double mqtt_connect_timeout=5.0,
-                     unsigned int max_connect_size=65536):
+                     unsigned int max_connect_size=65536, int proxy_protocol=0,
+                     bint proxy_protocol_crc32c=False, unsigned int proxy_protocol_max_len=500,
+                     unsigned int proxy_protocol_want=0):
         """Take ownership of a bound, listening socket fd; returns the listener index.
         tls: a fastproxy._tls.TLSContext or None for plain TCP. Timeouts in seconds (0 = none).
         mqtt: read and check the CONNECT first (within mqtt_connect_timeout, at most
         max_connect_size bytes); policy: pass each CONNECT to on_connect; idle_keepalive: idle
-        timeout 1.5 x the CONNECT's keepalive instead of idle_timeout."""
+        timeout 1.5 x the CONNECT's keepalive instead of idle_timeout. proxy_protocol: 0 none,
+        1 v1, 2 v2, 3 v2 + SSL TLV, 4 v2 + SSL TLV with CN (HAProxy's send-proxy[-v2[-ssl[-cn]]]);
+        proxy_protocol_want adds TLVs as HAProxy's proxy-v2-options do (PP2_WANT_AUTHORITY,
+        _KEY_ALG, _SIG_ALG, _CIPHER bits). The header goes first, in the same write as the
+        CONNECT, and never longer than proxy_protocol_max_len."""
         cdef Listener* l
         cdef epoll_event ev
         if self.n_listeners >= MAX_LISTENERS:
@@ -447,6 +454,12 @@ cdef class Engine:
         l.idle_keepalive = idle_keepalive
         l.mqtt_connect_timeout_ms = <int64_t>(mqtt_connect_timeout * 1000)
         l.max_connect_size = max_connect_size if max_connect_size >= 16 else 16
+        if not (0 <= proxy_protocol <= PP_V2_SSL_CN):
+            raise ValueError("proxy_protocol must be 0..4")
+        l.pp_mode = <uint8_t>proxy_protocol
+        l.pp_crc32c = proxy_protocol_crc32c
+        l.pp_want = proxy_protocol_want & (PP2_WANT_AUTHORITY | PP2_WANT_KEY_ALG | PP2_WANT_SIG_ALG | PP2_WANT_CIPHER)
+        l.pp_max_len = min(proxy_protocol_max_len, <unsigned int>PP_HEADER_MAX)
         if policy and self.on_connect is None:
             raise ValueError("policy listeners need an on_connect callback")
         # Fix non-blocking here so accept4 in the loop can never block.
@@ -990,7 +1003,78 @@ cdef class Engine:
         c.up.readable = 1
         c.up.writable = 1
         c.use_splice = c.cl.ssl == NULL and c.up.ssl == NULL
+        if self.listeners[c.listener].pp_mode != PP_NONE and self._proxy_header(c) < 0:
+            return
         self._pump(c)
+
+    cdef int _proxy_header(self, Conn* c) noexcept nogil:
+        """Put the PROXY header in front of what c2u holds (the CONNECT), so both leave in one
+        write: Mosquitto 2.1 drops a header split across reads. Returns 0, or -1 after ending c."""
+        cdef Listener* l = &self.listeners[c.listener]
+        cdef pp2_info info
+        cdef pp2_ssl_scratch scratch
+        cdef sockaddr_storage local
+        cdef socklen_t llen = sizeof(sockaddr_storage)
+        cdef uint8_t hdr[PP_HEADER_MAX]
+        cdef unsigned want
+        cdef int n
+        cdef Dir* d = &c.c2u
+        cdef uint32_t have
+        cdef char* b
+        memset(&local, 0, sizeof(sockaddr_storage))
+        getsockname(c.cl.fd, <sockaddr*>&local, &llen)
+        pp2_info_init(&info)
+        pp2_info_set_sockaddrs(&info, &c.peer, &local)
+        info.max_len = l.pp_max_len
+        if l.pp_crc32c:
+            info.flags |= PP2_F_CRC32C
+        if c.cl.ssl != NULL and l.pp_mode >= PP_V2:
+            # As HAProxy 2.6: ALPN whenever negotiated; the SSL TLV carries VERSION (+ CN);
+            # AUTHORITY, KEY_ALG, SIG_ALG, CIPHER only when asked for.
+            want = PP2_WANT_ALPN | l.pp_want
+            if l.pp_mode >= PP_V2_SSL:
+                want |= PP2_WANT_SSL
+            if l.pp_mode == PP_V2_SSL_CN:
+                want |= PP2_WANT_CN
+            pp2_info_set_ssl(&info, c.cl.ssl, want, &scratch)
+            ERR_clear_error()
+            if info.ssl_cn.ptr != NULL and pp_find_ctl(info.ssl_cn.ptr, info.ssl_cn.len) >= 0:
+                # Receivers take the CN as a user name (Mosquitto strndup()s it: a NUL would
+                # cut "admin\0x" to "admin"); such a certificate is refused, not forwarded.
+                c.detail_static = b"client certificate CN contains control characters"
+                self._end(c, R_DENIED, 0)
+                return -1
+        if l.pp_mode == PP_V1:
+            n = pp1_build(&info, <char*>hdr, sizeof(hdr))
+        else:
+            n = pp2_build(&info, hdr, sizeof(hdr))
+        if n <= 0:
+            c.detail_static = b"PROXY header longer than proxy_protocol_max_len"
+            self._end(c, R_INTERNAL, 0)
+            return -1
+        have = d.end - d.start
+        if d.buf == NULL:
+            if not self._dir_alloc(d):
+                self._end(c, R_INTERNAL, ENOMEM)
+                return -1
+        elif have + <uint32_t>n > d.cap:
+            b = <char*>malloc(have + n)
+            if b == NULL:
+                self._end(c, R_INTERNAL, ENOMEM)
+                return -1
+            memcpy(b + n, d.buf + d.start, have)
+            self._dir_release(d)
+            d.buf = b
+            d.cap = have + <uint32_t>n     # != RELAY_BUF: freed after use
+            d.start = 0
+            d.end = have + <uint32_t>n
+            memcpy(d.buf, hdr, n)
+            return 0
+        memmove(d.buf + n, d.buf + d.start, have)
+        memcpy(d.buf, hdr, n)
+        d.start = 0
+        d.end = have + <uint32_t>n
+        return 0
 
     # ------------------------------------------------------------------ relay
 

@@ -24,6 +24,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CLI_SOURCE = "command line"
+PROXY_PROTOCOL_MODES = ("none", "v1", "v2", "v2-ssl", "v2-ssl-cn")
+# HAProxy's proxy-v2-options -> the engine's PP2_WANT_* bits (crc32c has its own switch).
+PROXY_PROTOCOL_OPTIONS = {"crc32c": 0, "authority": 0x02, "cert-key": 0x10, "cert-sig": 0x20, "ssl-cipher": 0x40}
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,23 @@ class ListenerConfig:
     clientid_template: str | None = None
     clientid_from_cn: bool = False
     policy: str | None = None
+    # PROXY protocol toward the upstream (HAProxy's send-proxy / -v2 / -v2-ssl / -v2-ssl-cn)
+    proxy_protocol: str = "none"
+    proxy_protocol_crc32c: bool = False
+    proxy_protocol_options: tuple[str, ...] = ()   # HAProxy's proxy-v2-options names
+    proxy_protocol_max_len: int = 500       # Mosquitto 2.1 refuses longer headers
+
+    @property
+    def proxy_protocol_want(self) -> int:
+        bits = 0
+        for o in self.proxy_protocol_options:
+            bits |= PROXY_PROTOCOL_OPTIONS[o]
+        return bits
+
+    @property
+    def proxy_protocol_mode(self) -> int:
+        """The engine's code for proxy_protocol."""
+        return PROXY_PROTOCOL_MODES.index(self.proxy_protocol)
 
     @property
     def tls(self) -> bool:
@@ -142,6 +162,10 @@ _LISTENER_KEYS: dict[str, str] = {
     "clientid_template": "template",
     "clientid_from_cn": "bool",
     "policy": "hook",
+    "proxy_protocol": "pp_mode",
+    "proxy_protocol_crc32c": "bool",
+    "proxy_protocol_options": "pp_options",
+    "proxy_protocol_max_len": "posint",
 }
 _GLOBAL_KEYS: dict[str, str] = {
     "workers": "workers",
@@ -326,6 +350,19 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
             if bad or not used:
                 raise ValueError(f"template fields must be among {{{'}, {'.join(TEMPLATE_FIELDS)}}}, got {value!r}")
             return value
+        if kind == "pp_mode":
+            if value not in PROXY_PROTOCOL_MODES:
+                raise ValueError(f"expected one of {', '.join(PROXY_PROTOCOL_MODES)}, got {value!r}")
+            return value
+        if kind == "pp_options":
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+                raise ValueError("expected a list such as ['authority', 'ssl-cipher']")
+            items = [i.strip() for i in items if i.strip()]
+            bad = [i for i in items if i not in PROXY_PROTOCOL_OPTIONS]
+            if bad:
+                raise ValueError(f"unknown option {bad[0]!r}; expected some of {', '.join(PROXY_PROTOCOL_OPTIONS)}")
+            return tuple(items)
         if kind == "hook":
             if not isinstance(value, str) or value.count(":") != 1 or value.startswith(":") or value.endswith(":"):
                 raise ValueError(f"expected module:function, got {value!r}")
@@ -426,6 +463,13 @@ def _build_listener(ctx: _Ctx, raw: Mapping[str, Any], base_dir: str, index: int
     for k in identity_checks:
         if not vals.get("client_ca"):
             raise ctx.error(k, "needs client certificates (client_ca, with TLS on the listener)")
+    if vals.get("proxy_protocol_max_len", 500) < 16 or vals.get("proxy_protocol_max_len", 500) > 4096:
+        raise ctx.error("proxy_protocol_max_len", "must be between 16 and 4096 bytes")
+    if "crc32c" in vals.get("proxy_protocol_options", ()):
+        vals["proxy_protocol_crc32c"] = True
+    pp_keys = [k for k in ("proxy_protocol_crc32c", "proxy_protocol_options") if vals.get(k)]
+    if pp_keys and vals.get("proxy_protocol", "none") in ("none", "v1"):
+        raise ctx.error(pp_keys[0], "needs proxy_protocol v2, v2-ssl or v2-ssl-cn")
     vals.setdefault("name", f"listener{index}")
     return ListenerConfig(**vals)
 

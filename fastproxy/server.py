@@ -89,6 +89,12 @@ def check_config(cfg: Config) -> list[str]:
                 f"{lc.name}: upstream {lc.upstream} is not a loopback or unix address: "
                 "broker traffic leaves this host in plain text"
             )
+        if lc.proxy_protocol != "none" and not lc.upstream.is_loopback:
+            warnings.append(
+                f"{lc.name}: upstream {lc.upstream} gets PROXY headers but is not a loopback or unix address: "
+                "a broker that trusts PROXY headers must be reachable only through the proxy, or any client "
+                "can claim any address and certificate identity"
+            )
         if not lc.tls and any(not a.is_loopback for a in lc.listen):
             warnings.append(f"{lc.name}: listens on {lc.listen[0]} without TLS")
     return warnings
@@ -156,6 +162,10 @@ class Proxy:
                         policy=gate is not None,
                         mqtt_connect_timeout=lc.connect_timeout,
                         max_connect_size=lc.max_connect_size,
+                        proxy_protocol=lc.proxy_protocol_mode,
+                        proxy_protocol_crc32c=lc.proxy_protocol_crc32c,
+                        proxy_protocol_max_len=lc.proxy_protocol_max_len,
+                        proxy_protocol_want=lc.proxy_protocol_want,
                     )
                     self._listener_names.append(lc.name)
                     self._gates.append(gate)

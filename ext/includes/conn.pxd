@@ -59,6 +59,15 @@ cdef enum EndReason:
     R_NO_CONNECT
     R_COUNT
 
+# PROXY protocol header sent to the upstream (HAProxy's send-proxy, -v2, -v2-ssl, -v2-ssl-cn).
+cdef enum:
+    PP_NONE = 0
+    PP_V1 = 1
+    PP_V2 = 2
+    PP_V2_SSL = 3
+    PP_V2_SSL_CN = 4
+    PP_HEADER_MAX = 4096
+
 # Results of one read or write on a side.
 cdef enum:
     IO_AGAIN = -1
@@ -148,6 +157,10 @@ cdef struct Listener:
     uint8_t policy                  # ask Python (on_connect) about each CONNECT
     int64_t mqtt_connect_timeout_ms # the CONNECT must arrive within this
     uint32_t max_connect_size
+    uint8_t pp_mode                 # PROXY header toward the upstream: PP_NONE .. PP_V2_SSL_CN
+    uint8_t pp_crc32c
+    unsigned pp_want                # extra TLVs (PP2_WANT_*: HAProxy's proxy-v2-options)
+    uint32_t pp_max_len
 
 cdef struct Upstream:
     sockaddr_storage addr
