@@ -45,6 +45,8 @@ REASONS = (
     ("bad-connect", 400),
     ("connect-timeout", 400),
     ("no-connect", 400),
+    ("bad-proxy-header", 400),
+    ("untrusted-proxy", 403),
 )
 assert len(REASONS) == R_COUNT
 
@@ -190,9 +192,9 @@ _init_bio_method()
 cdef inline bint side_has_input(Side* s) noexcept nogil:
     """Whether a read may return something: unconsumed socket readiness, or bytes already
     pulled into our BIO buffer or into OpenSSL's record buffer."""
-    if s.readable:
+    if s.readable or s.in_off < s.in_len:
         return True
-    return s.ssl != NULL and (s.in_off < s.in_len or SSL_has_pending(s.ssl))
+    return s.ssl != NULL and SSL_has_pending(s.ssl)
 
 
 cdef inline ssize_t side_read(Side* s, char* buf, size_t n) noexcept nogil:
@@ -200,7 +202,18 @@ cdef inline ssize_t side_read(Side* s, char* buf, size_t n) noexcept nogil:
     After IO_ERR on a TLS side the OpenSSL error queue holds the reason (the caller clears it)."""
     cdef ssize_t r
     cdef int err
+    cdef uint32_t k
     if s.ssl == NULL:
+        if s.in_off < s.in_len:
+            # bytes that followed a received PROXY header
+            k = s.in_len - s.in_off
+            if k > n:
+                k = <uint32_t>n
+            memcpy(buf, s.inbuf + s.in_off, k)
+            s.in_off += k
+            if s.in_off == s.in_len:
+                _side_release_input(s)
+            return k
         while True:
             r = recv(s.fd, buf, n, 0)
             if r > 0:
@@ -422,7 +435,8 @@ cdef class Engine:
                      bint idle_keepalive=False, bint policy=False, double mqtt_connect_timeout=5.0,
                      unsigned int max_connect_size=65536, int proxy_protocol=0,
                      bint proxy_protocol_crc32c=False, unsigned int proxy_protocol_max_len=500,
-                     unsigned int proxy_protocol_want=0):
+                     unsigned int proxy_protocol_want=0, bint accept_proxy_protocol=False,
+                     trusted_proxies=()):
         """Take ownership of a bound, listening socket fd; returns the listener index.
         tls: a fastproxy._tls.TLSContext or None for plain TCP. Timeouts in seconds (0 = none).
         mqtt: read and check the CONNECT first (within mqtt_connect_timeout, at most
@@ -431,7 +445,9 @@ cdef class Engine:
         1 v1, 2 v2, 3 v2 + SSL TLV, 4 v2 + SSL TLV with CN (HAProxy's send-proxy[-v2[-ssl[-cn]]]);
         proxy_protocol_want adds TLVs as HAProxy's proxy-v2-options do (PP2_WANT_AUTHORITY,
         _KEY_ALG, _SIG_ALG, _CIPHER bits). The header goes first, in the same write as the
-        CONNECT, and never longer than proxy_protocol_max_len."""
+        CONNECT, and never longer than proxy_protocol_max_len. accept_proxy_protocol: clients
+        must start with a PROXY v1/v2 header (within handshake_timeout) and come from one of
+        trusted_proxies, a sequence of (family, packed network address, prefix length)."""
         cdef Listener* l
         cdef epoll_event ev
         if self.n_listeners >= MAX_LISTENERS:
@@ -460,6 +476,17 @@ cdef class Engine:
         l.pp_crc32c = proxy_protocol_crc32c
         l.pp_want = proxy_protocol_want & (PP2_WANT_AUTHORITY | PP2_WANT_KEY_ALG | PP2_WANT_SIG_ALG | PP2_WANT_CIPHER)
         l.pp_max_len = min(proxy_protocol_max_len, <unsigned int>PP_HEADER_MAX)
+        l.accept_pp = accept_proxy_protocol
+        if len(trusted_proxies) > MAX_TRUSTED:
+            raise ValueError(f"at most {MAX_TRUSTED} trusted proxy networks per listener")
+        l.n_trusted = 0
+        for fam, packed, prefix in trusted_proxies:
+            if len(packed) not in (4, 16) or not (0 <= prefix <= 8 * len(packed)):
+                raise ValueError("bad trusted network")
+            l.trusted[l.n_trusted].family = fam
+            memcpy(l.trusted[l.n_trusted].addr, <char*>packed, len(packed))
+            l.trusted[l.n_trusted].prefix = prefix
+            l.n_trusted += 1
         if policy and self.on_connect is None:
             raise ValueError("policy listeners need an on_connect callback")
         # Fix non-blocking here so accept4 in the loop can never block.
@@ -593,6 +620,9 @@ cdef class Engine:
         elif c.state == ST_MQTT_CONNECT:
             if tag == TAG_CLIENT:
                 self._read_connect(c)
+        elif c.state == ST_PROXY_HEADER:
+            if tag == TAG_CLIENT:
+                self._read_proxy_header(c)
         elif c.state == ST_CONNECTING:
             if tag == TAG_UPSTREAM and c.up.writable:
                 self._connected(c)
@@ -608,7 +638,6 @@ cdef class Engine:
         cdef sockaddr_storage peer
         cdef socklen_t plen
         cdef epoll_event ev
-        cdef BIO* bio
         for k in range(ACCEPT_BATCH):
             if self.n_conns >= self.max_conns:
                 self._pause_listeners(0)
@@ -662,14 +691,29 @@ cdef class Engine:
             # Optimistic: the first bytes (ClientHello, CONNECT) often arrived with the ACK.
             c.cl.readable = 1
             c.cl.writable = 1
+            c.cl.pool = &self.pool
+            if l.accept_pp:
+                if not self._trusted(l, &peer):
+                    self._end(c, R_UNTRUSTED_PROXY, 0)
+                    continue
+                c.state = ST_PROXY_HEADER
+                c.deadline_ms = self.now + l.handshake_timeout_ms if l.handshake_timeout_ms > 0 else 0
+                self._read_proxy_header(c)
+            else:
+                self._client_accepted(c)
+
+    cdef void _client_accepted(self, Conn* c) noexcept nogil:
+        """Start the client side: TLS handshake, or straight to the CONNECT / upstream."""
+        cdef Listener* l = &self.listeners[c.listener]
+        cdef BIO* bio
+        if True:
             if l.ssl_ctx != NULL:
                 c.cl.ssl = SSL_new(l.ssl_ctx)
                 bio = BIO_new(SIDE_BIO) if c.cl.ssl != NULL else NULL
                 if bio == NULL:
                     ERR_clear_error()
                     self._end(c, R_INTERNAL, ENOMEM)
-                    continue
-                c.cl.pool = &self.pool
+                    return
                 BIO_set_data(bio, &c.cl)
                 SSL_set_bio(c.cl.ssl, bio, bio)
                 SSL_set_accept_state(c.cl.ssl)
@@ -731,6 +775,99 @@ cdef class Engine:
             c.verify_result = SSL_get_verify_result(c.cl.ssl)
             ERR_clear_error()
             self._end(c, R_HANDSHAKE_FAILED, fp_errno() if err == SSL_ERROR_SYSCALL else 0)
+
+    # ------------------------------------------------------------------ PROXY header in
+
+    cdef bint _trusted(self, Listener* l, sockaddr_storage* peer) noexcept nogil:
+        cdef const uint8_t* a
+        cdef int i, bits, j, alen
+        cdef Cidr* n
+        if peer.ss_family == AF_INET:
+            a = <const uint8_t*>&(<sockaddr_in*>peer).sin_addr
+        elif peer.ss_family == AF_INET6:
+            a = <const uint8_t*>&(<sockaddr_in6*>peer).sin6_addr
+        else:
+            return False
+        for i in range(l.n_trusted):
+            n = &l.trusted[i]
+            if n.family != peer.ss_family:
+                continue
+            bits = n.prefix
+            j = 0
+            while bits >= 8 and a[j] == n.addr[j]:
+                bits -= 8
+                j += 1
+            if bits >= 8:
+                continue
+            if bits == 0 or ((a[j] ^ n.addr[j]) & (0xFF << (8 - bits)) & 0xFF) == 0:
+                return True
+        return False
+
+    cdef void _read_proxy_header(self, Conn* c) noexcept nogil:
+        """Read raw bytes until a whole PROXY v1/v2 header is there (strict, bounded); the bytes
+        after it stay in the client side's input buffer for TLS or the relay."""
+        cdef Side* s = &c.cl
+        cdef ssize_t n
+        cdef int r
+        cdef pp_result res
+        while True:
+            if s.inbuf == NULL:
+                s.inbuf = pool_get(s.pool)
+                if s.inbuf == NULL:
+                    self._end(c, R_INTERNAL, ENOMEM)
+                    return
+                s.in_off = s.in_len = 0
+            if s.in_len == RELAY_BUF:
+                c.detail_static = b"PROXY header too long"
+                self._end(c, R_BAD_PROXY_HEADER, 0)
+                return
+            n = recv(s.fd, s.inbuf + s.in_len, RELAY_BUF - s.in_len, 0)
+            if n == 0:
+                c.detail_static = b"closed before a whole PROXY header"
+                self._end(c, R_BAD_PROXY_HEADER, 0)
+                return
+            if n < 0:
+                if fp_errno() == EAGAIN:
+                    s.readable = 0
+                    if s.in_len == 0:
+                        _side_release_input(s)
+                    return
+                if fp_errno() == EINTR:
+                    continue
+                self._end(c, R_CLIENT_RESET, fp_errno())
+                return
+            s.in_len += <uint32_t>n
+            r = pp_parse_ex(<const uint8_t*>s.inbuf, s.in_len, PP_HEADER_MAX, &res)
+            if r == PP_NEED_MORE:
+                continue
+            if r != PP_VALID:
+                c.detail_static = res.reason
+                self._end(c, R_BAD_PROXY_HEADER, 0)
+                return
+            s.in_off = <uint32_t>res.header_len
+            if s.in_off == s.in_len:
+                _side_release_input(s)
+            else:
+                c.c2u.no_splice = 1     # leftover input is served from inbuf, not the socket
+            if res.command == PP2_CMD_PROXY and (res.fam == PP2_TCP4 or res.fam == PP2_TCP6):
+                self._set_addr(&c.peer, res.fam, res.src_addr, res.src_port)
+                self._set_addr(&c.pp_dst, res.fam, res.dst_addr, res.dst_port)
+                c.peer_len = sizeof(sockaddr_storage)
+                c.has_pp_dst = 1
+            # LOCAL (the balancer's own health check) or UNSPEC: keep the real peer address.
+            self._client_accepted(c)
+            return
+
+    cdef void _set_addr(self, sockaddr_storage* ss, uint8_t fam, const uint8_t* addr, uint16_t port) noexcept nogil:
+        memset(ss, 0, sizeof(sockaddr_storage))
+        if fam == PP2_TCP4:
+            (<sockaddr_in*>ss).sin_family = AF_INET
+            (<sockaddr_in*>ss).sin_port = htons(port)
+            memcpy(&(<sockaddr_in*>ss).sin_addr, addr, 4)
+        else:
+            (<sockaddr_in6*>ss).sin6_family = AF_INET6
+            (<sockaddr_in6*>ss).sin6_port = htons(port)
+            memcpy(&(<sockaddr_in6*>ss).sin6_addr, addr, 16)
 
     # ------------------------------------------------------------------ MQTT CONNECT
 
@@ -1022,7 +1159,10 @@ cdef class Engine:
         cdef uint32_t have
         cdef char* b
         memset(&local, 0, sizeof(sockaddr_storage))
-        getsockname(c.cl.fd, <sockaddr*>&local, &llen)
+        if c.has_pp_dst:
+            local = c.pp_dst        # the address the client reached, as the balancer told us
+        else:
+            getsockname(c.cl.fd, <sockaddr*>&local, &llen)
         pp2_info_init(&info)
         pp2_info_set_sockaddrs(&info, &c.peer, &local)
         info.max_len = l.pp_max_len
@@ -1325,6 +1465,9 @@ cdef class Engine:
                     self._end(c, R_HANDSHAKE_TIMEOUT, 0)
                 elif c.state == ST_MQTT_CONNECT:
                     self._end(c, R_CONNECT_TIMEOUT, 0)
+                elif c.state == ST_PROXY_HEADER:
+                    c.detail_static = b"no PROXY header in time"
+                    self._end(c, R_BAD_PROXY_HEADER, 0)
                 elif c.state == ST_CONNECTING:
                     self._end(c, R_UPSTREAM_TIMEOUT, ETIMEDOUT)
             c = nxt

@@ -34,6 +34,7 @@ _VALUE_FLAGS: list[tuple[str, str, str]] = [
     ("proxy_protocol", "MODE", "PROXY header to the broker: none, v1, v2, v2-ssl, v2-ssl-cn (HAProxy's send-proxy*)"),
     ("proxy_protocol_options", "LIST", "extra PROXY v2 TLVs, HAProxy's proxy-v2-options: authority,cert-key,cert-sig,ssl-cipher,crc32c"),
     ("proxy_protocol_max_len", "BYTES", "refuse to send a longer PROXY header (default 500, Mosquitto's limit)"),
+    ("trusted_proxies", "CIDR,...", "load balancers allowed to send PROXY headers (with --accept-proxy-protocol)"),
     ("upstream_connect_timeout", "DUR", "timeout for connecting to the broker (default 5s)"),
     ("handshake_timeout", "DUR", "TLS handshake timeout (default 10s)"),
     ("idle_timeout", "DUR|keepalive", "close a session idle this long (default 60s); 'keepalive': 1.5 x the CONNECT's"),
@@ -53,6 +54,7 @@ _BOOL_FLAGS: list[tuple[str, str]] = [
     ("require_username_cn", "the CONNECT's username must equal the client certificate's CN"),
     ("clientid_from_cn", "an empty ClientId is replaced by the certificate's CN (EMQX peer_cert_as_clientid)"),
     ("proxy_protocol_crc32c", "add a CRC32C TLV to PROXY v2 headers"),
+    ("accept_proxy_protocol", "clients come through a load balancer that sends PROXY v1/v2 headers"),
 ]
 
 

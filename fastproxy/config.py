@@ -99,6 +99,9 @@ class ListenerConfig:
     proxy_protocol_crc32c: bool = False
     proxy_protocol_options: tuple[str, ...] = ()   # HAProxy's proxy-v2-options names
     proxy_protocol_max_len: int = 500       # Mosquitto 2.1 refuses longer headers
+    # PROXY protocol from an outer load balancer (HAProxy's accept-proxy)
+    accept_proxy_protocol: bool = False
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def proxy_protocol_want(self) -> int:
@@ -166,6 +169,8 @@ _LISTENER_KEYS: dict[str, str] = {
     "proxy_protocol_crc32c": "bool",
     "proxy_protocol_options": "pp_options",
     "proxy_protocol_max_len": "posint",
+    "accept_proxy_protocol": "bool",
+    "trusted_proxies": "cidrs",
 }
 _GLOBAL_KEYS: dict[str, str] = {
     "workers": "workers",
@@ -363,6 +368,17 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
             if bad:
                 raise ValueError(f"unknown option {bad[0]!r}; expected some of {', '.join(PROXY_PROTOCOL_OPTIONS)}")
             return tuple(items)
+        if kind == "cidrs":
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not items:
+                raise ValueError("expected networks such as ['10.0.0.0/8', '127.0.0.1']")
+            nets = []
+            for i in items:
+                try:
+                    nets.append(str(ipaddress.ip_network(str(i).strip(), strict=False)))
+                except ValueError:
+                    raise ValueError(f"{i!r} is not an address or network (CIDR)") from None
+            return tuple(nets)
         if kind == "hook":
             if not isinstance(value, str) or value.count(":") != 1 or value.startswith(":") or value.endswith(":"):
                 raise ValueError(f"expected module:function, got {value!r}")
@@ -465,6 +481,10 @@ def _build_listener(ctx: _Ctx, raw: Mapping[str, Any], base_dir: str, index: int
             raise ctx.error(k, "needs client certificates (client_ca, with TLS on the listener)")
     if vals.get("proxy_protocol_max_len", 500) < 16 or vals.get("proxy_protocol_max_len", 500) > 4096:
         raise ctx.error("proxy_protocol_max_len", "must be between 16 and 4096 bytes")
+    if vals.get("accept_proxy_protocol") and not vals.get("trusted_proxies"):
+        raise ctx.error("trusted_proxies", "is required with accept_proxy_protocol (the load balancers' addresses)")
+    if vals.get("trusted_proxies") and not vals.get("accept_proxy_protocol"):
+        raise ctx.error("trusted_proxies", "has no effect without accept_proxy_protocol")
     if "crc32c" in vals.get("proxy_protocol_options", ()):
         vals["proxy_protocol_crc32c"] = True
     pp_keys = [k for k in ("proxy_protocol_crc32c", "proxy_protocol_options") if vals.get(k)]

@@ -100,6 +100,16 @@ def check_config(cfg: Config) -> list[str]:
     return warnings
 
 
+def _networks(cidrs: tuple[str, ...]) -> list[tuple[int, bytes, int]]:
+    import ipaddress
+
+    out: list[tuple[int, bytes, int]] = []
+    for c in cidrs:
+        n = ipaddress.ip_network(c, strict=False)
+        out.append((socket.AF_INET if n.version == 4 else socket.AF_INET6, n.network_address.packed, n.prefixlen))
+    return out
+
+
 def _key(cfg: Config, index: int, key: str) -> str:
     from .config import CLI_SOURCE, flag_for
 
@@ -166,6 +176,8 @@ class Proxy:
                         proxy_protocol_crc32c=lc.proxy_protocol_crc32c,
                         proxy_protocol_max_len=lc.proxy_protocol_max_len,
                         proxy_protocol_want=lc.proxy_protocol_want,
+                        accept_proxy_protocol=lc.accept_proxy_protocol,
+                        trusted_proxies=_networks(lc.trusted_proxies),
                     )
                     self._listener_names.append(lc.name)
                     self._gates.append(gate)
@@ -208,7 +220,7 @@ class Proxy:
                 )
             elif reason in _CLIENT_FAILURES:
                 tls_log.info("%s: client %s:%d: %s%s", name, host, port, reason, f": {detail}" if detail else "")
-            elif reason in ("bad-connect", "connect-timeout"):
+            elif reason in ("bad-connect", "connect-timeout", "bad-proxy-header", "untrusted-proxy"):
                 server_log.info("%s: client %s:%d: %s%s", name, host, port, reason, f": {detail}" if detail else "")
             elif reason == "internal-error":
                 server_log.error("%s: client %s:%d: %s%s", name, host, port, reason, f": {detail}" if detail else "")

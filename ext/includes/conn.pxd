@@ -27,6 +27,7 @@ cdef enum:
     TAG_MASK = 7
 
 # Connection states. Transitions:
+#   accept ──accept_pp, trusted source──▶ PROXY_HEADER ──valid──▶ (TLS or plain, as below)
 #   accept ──TLS──▶ HANDSHAKE ──done──▶ MQTT_CONNECT ──CONNECT valid, policy allows──▶ CONNECTING
 #   accept ──plain────────────────────▶ MQTT_CONNECT          (listeners with mqtt = false skip it)
 #   CONNECTING ──SO_ERROR 0──▶ RELAY ──both EOFs flushed──▶ CLOSED
@@ -39,6 +40,7 @@ cdef enum ConnState:
     ST_RELAY = 3
     ST_CLOSED = 4
     ST_MQTT_CONNECT = 5
+    ST_PROXY_HEADER = 6       # before TLS: a PROXY header from a trusted load balancer
 
 # Why a connection ended; names and log status codes are in _engine.pyx REASONS.
 cdef enum EndReason:
@@ -57,6 +59,8 @@ cdef enum EndReason:
     R_BAD_CONNECT
     R_CONNECT_TIMEOUT
     R_NO_CONNECT
+    R_BAD_PROXY_HEADER
+    R_UNTRUSTED_PROXY
     R_COUNT
 
 # PROXY protocol header sent to the upstream (HAProxy's send-proxy, -v2, -v2-ssl, -v2-ssl-cn).
@@ -67,6 +71,7 @@ cdef enum:
     PP_V2_SSL = 3
     PP_V2_SSL_CN = 4
     PP_HEADER_MAX = 4096
+    MAX_TRUSTED = 32               # trusted source networks per listener
 
 # Results of one read or write on a side.
 cdef enum:
@@ -131,6 +136,8 @@ cdef struct Conn:
     int upstream            # index chosen for this session
     int64_t idle_ms         # this session's idle timeout (keepalive-aware listeners set it)
     uint32_t connect_total  # CONNECT length once its fixed header is known, 0 before
+    uint8_t has_pp_dst      # a received PROXY header named the address the client reached
+    sockaddr_storage pp_dst
     Side cl
     Side up
     Dir c2u
@@ -143,6 +150,11 @@ cdef struct Conn:
     double t_mono
     sockaddr_storage peer
     socklen_t peer_len
+
+cdef struct Cidr:
+    int family
+    uint8_t addr[16]
+    int prefix
 
 cdef struct Listener:
     int fd
@@ -161,6 +173,9 @@ cdef struct Listener:
     uint8_t pp_crc32c
     unsigned pp_want                # extra TLVs (PP2_WANT_*: HAProxy's proxy-v2-options)
     uint32_t pp_max_len
+    uint8_t accept_pp               # expect a PROXY v1/v2 header from a trusted source first
+    int n_trusted
+    Cidr trusted[MAX_TRUSTED]
 
 cdef struct Upstream:
     sockaddr_storage addr
