@@ -623,6 +623,9 @@ cdef class Engine:
         elif c.state == ST_PROXY_HEADER:
             if tag == TAG_CLIENT:
                 self._read_proxy_header(c)
+        elif c.state == ST_LINGER:
+            if tag == TAG_CLIENT:
+                self._linger(c)
         elif c.state == ST_CONNECTING:
             if tag == TAG_UPSTREAM and c.up.writable:
                 self._connected(c)
@@ -902,7 +905,10 @@ cdef class Engine:
                     return
             n = side_read(&c.cl, d.buf + d.end, d.cap - d.end)
             if n == IO_ERR:
-                self._end_io(c, -1, 1)
+                if c.cl.ssl != NULL:
+                    c.ssl_fatal = 1
+                    ERR_clear_error()
+                self._end(c, R_NO_CONNECT, fp_errno())
                 return
             if n > 0:
                 d.end += <uint32_t>n
@@ -943,6 +949,8 @@ cdef class Engine:
                     break
             else:
                 return True     # a 5-byte length: the parser says why it is invalid
+        if c.connect_total > self.listeners[c.listener].max_connect_size:
+            return True         # declared too large: refused now, not after buffering it
         return d.end >= c.connect_total
 
     cdef void _connect_valid(self, Conn* c, mqtt_connect* mc) noexcept nogil:
@@ -975,7 +983,7 @@ cdef class Engine:
                 self.ctr.bytes_to_clients += <uint64_t>n
             elif c.cl.ssl != NULL:
                 ERR_clear_error()
-        self._end(c, reason, 0)
+        self._begin_linger(c, reason)
 
     cdef int _ask_policy(self, Conn* c, mqtt_connect* mc) noexcept with gil:
         """Python decides about this CONNECT (once per connection). Returns 0 to go on, -1 when
@@ -1029,7 +1037,16 @@ cdef class Engine:
                         memcpy(c.client_id, <char*>new_id, len(new_id))
                         c.client_id_len = <uint16_t>len(new_id)
             return 0
-        except BaseException as e:
+        except Exception:
+            # A decision the engine cannot apply (or a bug in the gate) refuses this client
+            # only: Server unavailable, which 3.x clients get as 0x03.
+            import logging
+            logging.getLogger("fastproxy.policy").exception("policy decision could not be applied; refusing")
+            code = mqtt_connack_code(c.mqtt_level, 0x88)
+            c.detail_static = b"policy decision could not be applied"
+            self._refuse(c, c.mqtt_level if code >= 0 else 0, code, R_DENIED)
+            return -1
+        except BaseException as e:     # KeyboardInterrupt, SystemExit: stop the loop
             self.pending_exc = e
             self.fatal = True
             self._end(c, R_INTERNAL, 0)
@@ -1087,6 +1104,10 @@ cdef class Engine:
         cdef Upstream* u = &self.upstreams[c.upstream]
         cdef int fd, r, err
         cdef epoll_event ev
+        # The header is built before the upstream is contacted: a client it cannot be built
+        # for (too long, CN with control characters) never opens a broker connection.
+        if l.pp_mode != PP_NONE and self._proxy_header(c) < 0:
+            return
         fd = socket(u.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
         if fd < 0:
             self._end(c, R_INTERNAL, fp_errno())
@@ -1140,8 +1161,6 @@ cdef class Engine:
         c.up.readable = 1
         c.up.writable = 1
         c.use_splice = c.cl.ssl == NULL and c.up.ssl == NULL
-        if self.listeners[c.listener].pp_mode != PP_NONE and self._proxy_header(c) < 0:
-            return
         self._pump(c)
 
     cdef int _proxy_header(self, Conn* c) noexcept nogil:
@@ -1468,8 +1487,12 @@ cdef class Engine:
                 elif c.state == ST_PROXY_HEADER:
                     c.detail_static = b"no PROXY header in time"
                     self._end(c, R_BAD_PROXY_HEADER, 0)
+                elif c.state == ST_LINGER:
+                    self._end(c, c.reason, 0)
                 elif c.state == ST_CONNECTING:
                     self._end(c, R_UPSTREAM_TIMEOUT, ETIMEDOUT)
+            elif c.state == ST_LINGER:
+                self._linger(c)
             c = nxt
         self.trim_debt += freed
         if self.trim_debt >= TRIM_AFTER_FREES and self.now - self.last_trim >= TRIM_INTERVAL_MS:
@@ -1484,11 +1507,8 @@ cdef class Engine:
         if c.closed:
             return
         c.closed = 1
-        c.reason = reason
-        c.err = err
-        self.ctr.reasons[reason] += 1
-        if self.has_on_close:
-            self._report(c)
+        if not c.reported:
+            self._account(c, reason, err)
         if c.cl.ssl != NULL:
             if c.handshake_done and not c.ssl_fatal and not c.cl.shut_wr:
                 ERR_clear_error()
@@ -1527,6 +1547,50 @@ cdef class Engine:
         self.n_conns -= 1
         self.ctr.active -= 1
         self.ctr.closed += 1
+
+    cdef void _account(self, Conn* c, int reason, int err) noexcept nogil:
+        c.reported = 1
+        c.reason = reason
+        c.err = err
+        self.ctr.reasons[reason] += 1
+        if self.has_on_close:
+            self._report(c)
+
+    cdef void _begin_linger(self, Conn* c, int reason) noexcept nogil:
+        """Refused client: log it now, send FIN after what we wrote (the CONNACK), and keep
+        reading and discarding until its EOF. Closing with unread input would send RST, and the
+        client's kernel may then drop the CONNACK before the application reads it."""
+        self._account(c, reason, 0)
+        if c.closed:
+            return      # the record hook failed; the loop is stopping
+        if c.cl.ssl != NULL and c.handshake_done and not c.ssl_fatal:
+            SSL_shutdown(c.cl.ssl)
+            ERR_clear_error()
+        shutdown(c.cl.fd, SHUT_WR)
+        c.cl.shut_wr = 1
+        self._dir_release(&c.c2u)
+        _side_release_input(&c.cl)
+        c.state = ST_LINGER
+        c.deadline_ms = self.now + LINGER_MS
+        self._linger(c)
+
+    cdef void _linger(self, Conn* c) noexcept nogil:
+        cdef char sink[16384]
+        cdef ssize_t n
+        cdef int i
+        for i in range(64):
+            n = recv(c.cl.fd, sink, sizeof(sink), MSG_TRUNC)
+            if n > 0:
+                continue
+            if n < 0 and fp_errno() == EAGAIN:
+                c.cl.readable = 0
+                return
+            if n < 0 and fp_errno() == EINTR:
+                continue
+            break
+        else:
+            return      # still sending: the sweep comes back to it
+        self._end(c, c.reason, 0)
 
     cdef void _free_dead(self) noexcept nogil:
         cdef Conn* c = self.dead

@@ -161,6 +161,7 @@ class ConnectGate:
         cert = certificate(der, verified)
         try:
             decision = self._decide(info, cert, (host, port))
+            _check_decision(decision)
         except Exception:
             log.exception("%s: policy failed for client %s:%d (ClientId %r); refusing", self.lc.name, host, port,
                           info.client_id)
@@ -222,6 +223,34 @@ class ConnectGate:
             if d.client_id is None:
                 decision = Allow(upstream=d.upstream, client_id=rewrite)
         return decision
+
+
+def _check_decision(decision: object) -> None:
+    """Raise TypeError/ValueError for a decision the engine could not apply faithfully."""
+    if decision is None:
+        return
+    if isinstance(decision, Deny):
+        rc = decision.reason_code
+        if isinstance(rc, bool) or not isinstance(rc, int):
+            raise TypeError(f"Deny reason_code must be an int, got {rc!r}")
+        if not (rc in _V3_TO_V5 or 0x80 <= rc <= 0xFF):
+            raise ValueError(f"Deny reason_code 0x{rc:02x} is not a refusal (MQTT 5: 0x80-0xFF, or 3.x: 1-5)")
+        if not isinstance(decision.reason, str):
+            raise TypeError(f"Deny reason must be a str, got {decision.reason!r}")
+        return
+    if isinstance(decision, Allow):
+        if decision.upstream is not None and not isinstance(decision.upstream, str):
+            raise TypeError(f"Allow upstream must be a name (str), got {decision.upstream!r}")
+        cid = decision.client_id
+        if cid is not None:
+            if not isinstance(cid, str):
+                raise TypeError(f"Allow client_id must be a str, got {cid!r}")
+            if "\x00" in cid:
+                raise ValueError("Allow client_id contains U+0000, which MQTT forbids")
+            if len(cid.encode("utf-8")) > 65535:  # UnicodeEncodeError (a ValueError) for surrogates
+                raise ValueError("Allow client_id is longer than 65535 bytes")
+        return
+    raise TypeError(f"policy returned {decision!r}; expected Allow, Deny, Route(...) or None")
 
 
 def _with_client_id(info: ConnectInfo, client_id: str) -> ConnectInfo:

@@ -15,6 +15,7 @@ cdef enum:
     PIPE_POOL_MAX = 64
     ACCEPT_PAUSE_MS = 1000     # after EMFILE/ENFILE
     TLS_IDLE_FREE_MS = 1000    # give OpenSSL's record buffers back after this much quiet
+    LINGER_MS = 2000           # how long a refused client may keep sending before we close
     TRIM_AFTER_FREES = 64      # malloc_trim once this many sessions released buffers...
     TRIM_INTERVAL_MS = 5000    # ...at most this often
 
@@ -31,7 +32,7 @@ cdef enum:
 #   accept ──TLS──▶ HANDSHAKE ──done──▶ MQTT_CONNECT ──CONNECT valid, policy allows──▶ CONNECTING
 #   accept ──plain────────────────────▶ MQTT_CONNECT          (listeners with mqtt = false skip it)
 #   CONNECTING ──SO_ERROR 0──▶ RELAY ──both EOFs flushed──▶ CLOSED
-#   MQTT_CONNECT ──invalid / denied──▶ CONNACK with a reason code (where MQTT allows) ──▶ CLOSED
+#   MQTT_CONNECT ──invalid / denied──▶ CONNACK (where MQTT allows) + FIN ──▶ LINGER ──EOF / 2 s──▶ CLOSED
 #   any ──error / timeout / shutdown──▶ CLOSED (freed after the current epoll batch)
 cdef enum ConnState:
     ST_NEW = 0
@@ -41,6 +42,7 @@ cdef enum ConnState:
     ST_CLOSED = 4
     ST_MQTT_CONNECT = 5
     ST_PROXY_HEADER = 6       # before TLS: a PROXY header from a trusted load balancer
+    ST_LINGER = 7             # refused: CONNACK and FIN sent, discarding input until EOF
 
 # Why a connection ended; names and log status codes are in _engine.pyx REASONS.
 cdef enum EndReason:
@@ -127,6 +129,7 @@ cdef struct Conn:
     uint8_t ssl_fatal       # no SSL_shutdown after a fatal error
     uint8_t use_splice
     uint8_t closed
+    uint8_t reported        # record given to Python and counted (before a lingering close)
     uint8_t tls_bufs_freed  # OpenSSL's record buffers released while idle
     uint8_t mqtt_level      # protocol level of the CONNECT (3, 4, 5), 0 before it
     uint16_t keepalive

@@ -40,7 +40,7 @@ cdef extern from "compat.h" nogil:
     int SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC
     int SOL_SOCKET, SO_ERROR, SO_LINGER, IPPROTO_TCP, TCP_NODELAY
     int SHUT_WR, SHUT_RDWR
-    int MSG_NOSIGNAL
+    int MSG_NOSIGNAL, MSG_TRUNC
     int INET6_ADDRSTRLEN
 
     cdef struct linger:

@@ -1,0 +1,921 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: fastproxy vs HAProxy vs nginx (stream + ssl) in front of one Mosquitto.
+
+Same certificates, same broker, same clients; rounds interleave the proxies; figures are medians
+over rounds; each figure is printed with its ratio to the best peer (the better of HAProxy and
+nginx). The primary figures are the proxy's own CPU per unit of work (utime+stime of the proxy's
+process group from /proc) and its memory, because on a small shared machine messages/s is bound
+by the load generator, not by the proxy. See benchmarks/README.md.
+
+    python3 benchmarks/e2e.py --quick                       # ~1 minute smoke run
+    python3 benchmarks/e2e.py --json out.json               # full run (< 10 minutes on 2 cores)
+    python3 benchmarks/e2e.py --only haproxy,nginx --scenarios msg64,idle
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    HERE,
+    REPO,
+    TLS13_SUITE,
+    Certs,
+    Procs,
+    best_cpu_s,
+    cpu_busy_fraction,
+    cpu_delta_s,
+    environment,
+    free_port,
+    gen_certs,
+    group_cpu,
+    group_pids,
+    group_rss_kib,
+    log,
+    median,
+    nofile_target,
+    wait_port,
+)
+
+PROXIES = ("fastproxy", "haproxy", "nginx")
+PEERS = ("haproxy", "nginx")
+SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "latency")
+LOADGEN = os.path.join(HERE, "loadgen.py")
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+NGINX_LOAD_STREAM = f"load_module {NGINX_STREAM_MODULE};\n"
+PY = sys.executable
+
+
+@dataclass(frozen=True)
+class Metric:
+    scenario: str
+    key: str
+    label: str
+    unit: str
+    lower_is_better: bool
+    target: tuple[str, float] | None = None  # ("peer", k): <= k x best peer; ("abs", v): <= v
+    fmt: str = "{:.2f}"
+
+
+METRICS = (
+    Metric("msg64", "cpu_us_per_msg", "proxy CPU per message, 64 B", "µs/msg", True, ("peer", 1.0), "{:.3f}"),
+    Metric("msg64", "msgs_per_s", "messages/s, 64 B", "msg/s", False, None, "{:,.0f}"),
+    Metric("msg1k", "cpu_us_per_msg", "proxy CPU per message, 1 KiB", "µs/msg", True, ("peer", 1.0), "{:.3f}"),
+    Metric("msg1k", "msgs_per_s", "messages/s, 1 KiB", "msg/s", False, None, "{:,.0f}"),
+    Metric("bulk", "cpu_s_per_gb", "proxy CPU per GB, bulk TLS -> plain", "s/GB", True, ("peer", 1.0), "{:.3f}"),
+    Metric("bulk", "mb_per_s", "bulk throughput", "MB/s", False, None, "{:,.0f}"),
+    Metric("idle", "kib_per_conn", "proxy RSS per idle mTLS connection", "KiB/conn", True, ("abs", 14.0), "{:.1f}"),
+    Metric("idle", "rss_before_kib", "proxy RSS with no connection (baseline)", "KiB", True, None, "{:,.0f}"),
+    Metric("idle", "handshake_cpu_ms", "proxy CPU per mTLS connection setup", "ms/conn", True, None, "{:.3f}"),
+    Metric("latency", "added_p50_us", "added round-trip latency p50", "µs", True, ("peer", 1.0), "{:.0f}"),
+    Metric("latency", "added_p99_us", "added round-trip latency p99", "µs", True, ("peer", 1.0), "{:.0f}"),
+)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- line readers
+
+
+class LineQueue(threading.Thread):
+    """Reads a process's stdout line by line into a queue (daemon thread; ends at EOF)."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.q: queue.Queue[str] = queue.Queue()
+        self.start()
+
+    def run(self) -> None:
+        for line in iter(self.stream.readline, b""):
+            self.q.put(line.decode(errors="replace").rstrip("\n"))
+
+    def get_json(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"no result within {timeout:.0f}s")
+            try:
+                line = self.q.get(timeout=left)
+            except queue.Empty:
+                raise BenchError(f"no result within {timeout:.0f}s") from None
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+class TopicCounter(threading.Thread):
+    """Counts `mosquitto_sub -F %t` output lines per topic."""
+
+    def __init__(self, stream, data_topic: bytes) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.data_topic = data_topic
+        self.count = 0
+        self.other = 0
+        self.last_t = 0.0
+        self.start()
+
+    def run(self) -> None:
+        fd = self.stream.fileno()
+        rem = b""
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError:
+                break
+            if not chunk:
+                break
+            lines = (rem + chunk).split(b"\n")
+            rem = lines.pop()
+            n = lines.count(self.data_topic)
+            self.other += len(lines) - n
+            if n:
+                self.count += n
+                self.last_t = time.monotonic()
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+class Bench:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        # each relayed session holds 2 fds in the proxy: keep 2 x maxconn under the fd limit
+        self.nofile = nofile_target()
+        self.maxconn = min(max(2000, a.idle_conns + 1000), (self.nofile - 100) // 2)
+        if a.idle_conns + 10 > self.maxconn and "idle" in a.scenarios:
+            raise BenchError(f"--idle-conns {a.idle_conns} needs about {2 * a.idle_conns + 200} file descriptors "
+                             f"per proxy; RLIMIT_NOFILE hard limit is {self.nofile}")
+        self.procs = Procs()
+        self.tmp = tempfile.mkdtemp(prefix="fastproxy-e2e-")
+        self.certs: Certs = gen_certs(os.path.join(self.tmp, "certs"))
+        self.broker_port = 0
+        self.sink_port = 0
+        self.sink_lines: LineQueue | None = None
+        self.seq = 0
+        self.notes: list[str] = []
+        self.background: list[dict] = []
+        self.round = 0
+        self.fastproxy_cmd = shlex.split(a.fastproxy_cmd) if a.fastproxy_cmd else [PY, "-m", "fastproxy"]
+
+    # ---- infrastructure
+
+    def _name(self, what: str) -> str:
+        self.seq += 1
+        return f"{what}-{self.seq}"
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.tmp, name)
+
+    def start_broker(self) -> None:
+        port = free_port()
+        conf = self.path("mosquitto.conf")
+        with open(conf, "w") as f:
+            f.write(
+                f"listener {port} 127.0.0.1\n"
+                "allow_anonymous true\n"
+                "persistence false\n"
+                "set_tcp_nodelay true\n"
+                "max_connections -1\n"
+                "max_queued_messages 0\n"   # 0 = no limit: a QoS 0 burst is not dropped by the broker
+                "max_inflight_messages 0\n"
+                "max_keepalive 65535\n"
+                "log_dest stderr\n"
+                "log_type error\nlog_type warning\n"
+            )
+            if os.geteuid() == 0:
+                f.write("user root\n")  # keep access to the temp dir; loopback only
+        p = self.procs.start("mosquitto", ["mosquitto", "-c", conf], log_path=self.path("mosquitto.log"))
+        wait_port("127.0.0.1", port, 10, p)
+        self.broker = p
+        self.broker_port = port
+        log(f"mosquitto on 127.0.0.1:{port} (pid {p.pid})")
+
+    def start_sink(self) -> None:
+        p = self.procs.start("sink", [PY, LOADGEN, "sink", "--port", "0", "--max-seconds", str(self.a.time_budget + 600)],
+                             stdout=subprocess.PIPE, log_path=self.path("sink.log"))
+        self.sink_lines = LineQueue(p.stdout)
+        first = self.sink_lines.get_json(15)
+        self.sink_port = int(first["listening"])
+        self.sink = p
+        log(f"bulk sink on 127.0.0.1:{self.sink_port} (pid {p.pid})")
+
+    # ---- proxies
+
+    def start_proxy(self, name: str, upstream_port: int) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        c = self.certs
+        tag = self._name(name)
+        logp = self.path(f"{tag}.log")
+        if name == "fastproxy":
+            argv = self.fastproxy_cmd + [
+                "serve", "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream_port}",
+                "--tls-cert", c.server_crt, "--tls-key", c.server_key,
+                "--client-ca", c.ca, "--verify", "required",
+                "--tls-min-version", "TLSv1.3", "--tls-ciphersuites", self.a.tls_suite,
+                "--access-log", "off", "--idle-timeout", "3600", "--workers", "1", "--drain-timeout", "0",
+            ]
+            env = dict(os.environ)
+            env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            p = self.procs.start(name, argv, log_path=logp, env=env, cwd=self.tmp)
+            expect_procs = 1
+        elif name == "haproxy":
+            cfg = self.path(f"{tag}.cfg")
+            with open(cfg, "w") as f:
+                f.write(
+                    "global\n"
+                    "    nbthread 1\n"  # one thread: the same single core budget as the others
+                    f"    maxconn {self.maxconn}\n"
+                    "defaults\n"
+                    "    mode tcp\n"
+                    "    timeout connect 5s\n"
+                    "    timeout client 1h\n"
+                    "    timeout server 1h\n"
+                    f"    maxconn {self.maxconn}\n"
+                    "frontend fe\n"
+                    f"    bind 127.0.0.1:{port} ssl crt {c.server_combined} verify required ca-file {c.ca}"
+                    f" ssl-min-ver TLSv1.3 ciphersuites {self.a.tls_suite}\n"
+                    "    default_backend be\n"
+                    "backend be\n"
+                    f"    server broker 127.0.0.1:{upstream_port}\n"
+                )
+            p = self.procs.start(name, ["haproxy", "-db", "-f", cfg], log_path=logp)
+            expect_procs = 1
+        elif name == "nginx":
+            prefix = self.path(tag)
+            os.makedirs(prefix, exist_ok=True)
+            cfg = os.path.join(prefix, "nginx.conf")
+            with open(cfg, "w") as f:
+                f.write(
+                    f"{NGINX_LOAD_STREAM}"
+                    "daemon off;\n"
+                    "worker_processes 1;\n"
+                    f"worker_rlimit_nofile {self.nofile};\n"
+                    f"pid {prefix}/nginx.pid;\n"
+                    f"error_log {prefix}/error.log warn;\n"
+                    f"events {{ worker_connections {2 * self.maxconn}; }}\n"
+                    "stream {\n"
+                    "    server {\n"
+                    f"        listen 127.0.0.1:{port} ssl;\n"
+                    f"        ssl_certificate {c.server_crt};\n"
+                    f"        ssl_certificate_key {c.server_key};\n"
+                    "        ssl_protocols TLSv1.3;\n"
+                    f"        ssl_conf_command Ciphersuites {self.a.tls_suite};\n"
+                    "        ssl_verify_client on;\n"
+                    f"        ssl_client_certificate {c.ca};\n"
+                    "        proxy_connect_timeout 5s;\n"
+                    "        proxy_timeout 1h;\n"
+                    f"        proxy_pass 127.0.0.1:{upstream_port};\n"
+                    "    }\n"
+                    "}\n"
+                )
+            p = self.procs.start(name, ["nginx", "-p", prefix, "-c", cfg, "-e", f"{prefix}/error.log"],
+                                 log_path=logp)
+            expect_procs = 2  # master + one worker
+        else:
+            raise ValueError(name)
+        try:
+            wait_port("127.0.0.1", port, 20, p)
+            deadline = time.monotonic() + 5
+            while len(group_pids(p.pid)) < expect_procs and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except (RuntimeError, TimeoutError) as e:
+            self.procs.stop(p)
+            raise BenchError(f"{name} did not start: {e}; log {logp}: {_tail(logp)}") from None
+        time.sleep(0.2)
+        return p, port
+
+    def stop_proxy(self, name: str, p: subprocess.Popen) -> None:
+        alive = p.poll() is None
+        rc = self.procs.stop(p)
+        if not alive:
+            raise BenchError(f"{name} exited during the run with status {rc}")
+
+    def perf_start(self, what: str, proxy: str, pgid: int) -> subprocess.Popen | None:
+        """With --perf DIR: `perf record -g` the proxy's processes during the measurement."""
+        if not self.a.perf or not shutil.which("perf"):
+            return None
+        os.makedirs(self.a.perf, exist_ok=True)
+        out = os.path.join(self.a.perf, f"r{self.round}-{what}-{proxy}.perf.data")
+        pids = ",".join(str(x) for x in group_pids(pgid))
+        p = self.procs.start("perf", ["perf", "record", "-g", "-F", str(self.a.perf_freq), "-o", out, "-p", pids],
+                             log_path=self.path("perf.log"))
+        time.sleep(0.5)  # attach
+        return p
+
+    def perf_stop(self, p: subprocess.Popen | None) -> None:
+        if p is None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGINT)
+            p.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        self.procs.stop(p)
+
+    def tls_args(self) -> list[str]:
+        c = self.certs
+        return ["--cafile", c.ca, "--cert", c.client_crt, "--key", c.client_key, "--tls-version", "tlsv1.3"]
+
+    def loadgen_tls(self) -> list[str]:
+        c = self.certs
+        return ["--ca", c.ca, "--cert", c.client_crt, "--key", c.client_key]
+
+    # ---- scenarios
+
+    def data_file(self, size: int, n: int) -> str:
+        path = self.path(f"lines-{size}-{n}.txt")
+        if not os.path.exists(path):
+            line = b"x" * size + b"\n"
+            block = line * max(1, (1 << 20) // len(line))
+            per_block = len(block) // len(line)
+            with open(path, "wb") as f:
+                left = n
+                while left >= per_block:
+                    f.write(block)
+                    left -= per_block
+                f.write(line * left)
+        return path
+
+    def run_msg(self, proxy: str, size: int) -> dict:
+        """mosquitto_pub -l (QoS 0) through the proxy; a mosquitto_sub on the broker counts arrivals."""
+        n = self.a.messages
+        data = self.data_file(size, n)
+        bp = self.broker_port
+        topic = f"bench/{self._name('d')}"
+        sub = self.procs.start("mosquitto_sub", ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(bp), "-q", "0",
+                                                 "-t", f"{topic}/#", "-F", "%t", "-i", self._name("count")],
+                               stdout=subprocess.PIPE, log_path=self.path("mosquitto_sub.log"))
+        counter = TopicCounter(sub.stdout, f"{topic}/data".encode())
+        px = None
+        try:
+            # the subscription is live once a marker published directly to the broker arrives
+            for _ in range(50):
+                subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(bp), "-t", f"{topic}/ready", "-m", "r"],
+                               timeout=10, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                t_end = time.monotonic() + 0.2
+                while not counter.other and time.monotonic() < t_end:
+                    time.sleep(0.01)
+                if counter.other:
+                    break
+            else:
+                raise BenchError("counting subscriber never received its marker")
+            if proxy == "direct":
+                target, pgid = ["-p", str(bp)], None
+            else:
+                px, port = self.start_proxy(proxy, bp)
+                target, pgid = ["-p", str(port)] + self.tls_args(), px.pid
+            argv = ["mosquitto_pub", "-h", "127.0.0.1", *target, "-t", f"{topic}/data", "-q", "0", "-l",
+                    "-i", self._name("pub")]
+            perf = self.perf_start(f"msg{size}", proxy, pgid) if pgid else None
+            c0 = group_cpu(pgid) if pgid else None
+            t0 = time.monotonic()
+            with open(data, "rb") as stdin:
+                pub = self.procs.start("mosquitto_pub", argv, stdin=stdin, log_path=self.path("mosquitto_pub.log"))
+            try:
+                pub.wait(self.a.step_timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            pub_alive = pub.poll() is None
+            pub_rc = self.procs.stop(pub)
+            # wait for the stragglers: until all arrived, or no progress for 3 s
+            last_count, last_change = -1, time.monotonic()
+            deadline = time.monotonic() + self.a.step_timeout
+            while counter.count < n and time.monotonic() < deadline:
+                if counter.count != last_count:
+                    last_count, last_change = counter.count, time.monotonic()
+                elif time.monotonic() - last_change > 3:
+                    break
+                time.sleep(0.02)
+            time.sleep(0.05)
+            c1 = group_cpu(pgid) if pgid else None
+            self.perf_stop(perf)
+            count = counter.count
+            elapsed = (counter.last_t - t0) if count else None
+            res: dict = {"expected": n, "count": count, "pub_rc": pub_rc, "pub_timed_out": pub_alive,
+                         "elapsed_s": elapsed, "msgs_per_s": count / elapsed if elapsed else None}
+            if c1 is not None and count:
+                cpu = best_cpu_s(c0, c1)
+                ticks_s, sched_s = cpu_delta_s(c0, c1)
+                res.update(cpu_s=cpu, cpu_ticks_s=ticks_s, cpu_sched_s=sched_s, cpu_us_per_msg=cpu / count * 1e6)
+            if count < n:
+                res["warning"] = f"only {count} of {n} messages arrived (pub exit {pub_rc})"
+            if px is not None:
+                self.stop_proxy(proxy, px)
+                px = None
+            return res
+        finally:
+            if px is not None:
+                self.procs.stop(px)
+            self.procs.stop(sub)
+
+    def run_bulk(self, proxy: str) -> dict:
+        """A python TLS client pushes --bulk-mb MiB (MQTT CONNECT + QoS 0 PUBLISHes) through the proxy
+        to a plain TCP sink that counts bytes."""
+        assert self.sink_lines is not None
+        while not self.sink_lines.q.empty():  # stale lines from an earlier failed run
+            self.sink_lines.q.get_nowait()
+        px, port = self.start_proxy(proxy, self.sink_port)
+        perf = None
+        try:
+            perf = self.perf_start("bulk", proxy, px.pid)
+            c0 = group_cpu(px.pid)
+            r = subprocess.run([PY, LOADGEN, "bulk", "--port", str(port), "--mb", str(self.a.bulk_mb),
+                                "--max-seconds", str(self.a.step_timeout), *self.loadgen_tls()],
+                               capture_output=True, timeout=self.a.step_timeout + 30, start_new_session=True)
+            if r.returncode != 0:
+                raise BenchError(f"bulk client failed ({r.returncode}): {r.stderr.decode()[-500:]}")
+            client = json.loads(r.stdout.decode().strip().splitlines()[-1])
+            sink = self.sink_lines.get_json(30)
+            time.sleep(0.05)
+            c1 = group_cpu(px.pid)
+            self.perf_stop(perf)
+            perf = None
+            self.stop_proxy(proxy, px)
+            px = None
+        finally:
+            self.perf_stop(perf)
+            if px is not None:
+                self.procs.stop(px)
+        n = sink["bytes"]
+        cpu = best_cpu_s(c0, c1)
+        ticks_s, sched_s = cpu_delta_s(c0, c1)
+        secs = (sink["t_last_ns"] - client["t_start_ns"]) / 1e9 if n else None
+        res = {"bytes_sent": client["bytes"], "bytes_received": n, "cipher": client.get("cipher"),
+               "tls_version": client.get("version"), "elapsed_s": secs,
+               "mb_per_s": n / 1e6 / secs if secs else None,
+               "cpu_s": cpu, "cpu_ticks_s": ticks_s, "cpu_sched_s": sched_s,
+               "cpu_s_per_gb": cpu / (n / 1e9) if n else None}
+        if n != client["bytes"]:
+            res["warning"] = f"sink received {n} of {client['bytes']} bytes ({sink.get('error')})"
+        return res
+
+    def run_idle(self, proxy: str) -> dict:
+        """Hold --idle-conns mTLS sessions (TLS + MQTT CONNECT/CONNACK via the proxy) and measure RSS."""
+        px, port = self.start_proxy(proxy, self.broker_port)
+        holders: list[tuple[subprocess.Popen, LineQueue]] = []
+        try:
+            # one warm-up session so that lazily initialised state is in the baseline
+            subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), *self.tls_args(),
+                            "-t", "bench/warmup", "-m", "w", "-i", self._name("warm")],
+                           timeout=15, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.3)
+            rss0 = group_rss_kib(px.pid)
+            c0 = group_cpu(px.pid)
+            k = max(1, self.a.idle_procs)
+            per = [self.a.idle_conns // k + (1 if i < self.a.idle_conns % k else 0) for i in range(k)]
+            t0 = time.monotonic()
+            for i, n in enumerate(per):
+                h = self.procs.start("idle", [PY, LOADGEN, "idle", "--port", str(port), "--conns", str(n),
+                                              "--concurrency", str(self.a.idle_concurrency),
+                                              "--open-seconds", str(self.a.step_timeout),
+                                              "--max-seconds", str(self.a.step_timeout), *self.loadgen_tls()],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, log_path=self.path("idle.log"))
+                holders.append((h, LineQueue(h.stdout)))
+            ready = [lq.get_json(self.a.step_timeout + 30) for _, lq in holders]
+            t_open = time.monotonic() - t0
+            ok = sum(r["ok"] for r in ready)
+            failed = sum(r["failed"] for r in ready)
+            c1 = group_cpu(px.pid)
+            time.sleep(1.0)  # settle
+            samples = []
+            for _ in range(3):
+                samples.append(group_rss_kib(px.pid))
+                time.sleep(0.3)
+            rss1 = max(samples)
+            for h, _ in holders:
+                try:
+                    h.stdin.close()
+                except OSError:
+                    pass
+            ends = []
+            for h, lq in holders:
+                try:
+                    ends.append(lq.get_json(60))
+                except BenchError as e:
+                    ends.append({"error": str(e)})
+            closed_while_idle = sum(e.get("closed_while_idle", 0) for e in ends)
+            for h, _ in holders:
+                self.procs.stop(h, timeout=10)
+            holders = []
+            time.sleep(0.5)
+            rss_after_close = group_rss_kib(px.pid)
+            self.stop_proxy(proxy, px)
+            px = None
+        finally:
+            for h, _ in holders:
+                self.procs.stop(h)
+            if px is not None:
+                self.procs.stop(px)
+        reasons: dict[str, int] = {}
+        for r in ready:
+            for why, cnt in r.get("reasons", {}).items():
+                reasons[why] = reasons.get(why, 0) + cnt
+        res = {"conns_ok": ok, "conns_failed": failed, "open_s": t_open, "rss_before_kib": rss0,
+               "rss_idle_kib": rss1, "rss_after_close_kib": rss_after_close,
+               "kib_per_conn": (rss1 - rss0) / ok if ok else None,
+               "handshake_cpu_ms": best_cpu_s(c0, c1) / ok * 1e3 if ok else None,
+               "closed_while_idle": closed_while_idle}
+        if failed or closed_while_idle:
+            res["warning"] = f"{failed} connections failed ({reasons}), {closed_while_idle} closed while idle"
+        return res
+
+    def run_latency(self, proxy: str) -> dict:
+        """1000 msg/s QoS 0, publisher and subscriber both through the proxy (or both direct)."""
+        px = None
+        try:
+            if proxy == "direct":
+                target = ["--port", str(self.broker_port)]
+            else:
+                px, port = self.start_proxy(proxy, self.broker_port)
+                target = ["--port", str(port), *self.loadgen_tls()]
+            r = subprocess.run([PY, LOADGEN, "latency", *target, "--rate", str(self.a.latency_rate),
+                                "--seconds", str(self.a.latency_seconds)],
+                               capture_output=True, timeout=self.a.latency_seconds + 60, start_new_session=True)
+            lines = r.stdout.decode().strip().splitlines()
+            res = json.loads(lines[-1]) if lines else {"error": f"no output: {r.stderr.decode()[-500:]}"}
+            if "error" in res:
+                raise BenchError(f"latency client: {res['error']}")
+            if res.get("lost"):
+                res["warning"] = f"{res['lost']} of {res['n']} messages lost"
+            if px is not None:
+                self.stop_proxy(proxy, px)
+                px = None
+            return res
+        finally:
+            if px is not None:
+                self.procs.stop(px)
+
+
+def _tail(path: str, n: int = 600) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - n))
+            return f.read().decode(errors="replace").strip().replace("\n", " | ")
+    except OSError:
+        return "(no log)"
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def available(name: str, fastproxy_cmd: str | None) -> str | None:
+    """None when the proxy can run here, else the reason."""
+    if name == "haproxy":
+        return None if shutil.which("haproxy") else "haproxy not installed"
+    if name == "nginx":
+        if not shutil.which("nginx"):
+            return "nginx not installed"
+        global NGINX_LOAD_STREAM
+        if os.path.exists(NGINX_STREAM_MODULE):
+            NGINX_LOAD_STREAM = f"load_module {NGINX_STREAM_MODULE};\n"
+            return None
+        r = subprocess.run(["nginx", "-V"], capture_output=True, text=True, timeout=20)
+        if "--with-stream " in (r.stdout + r.stderr + " ") and "--with-stream_ssl_module" in r.stdout + r.stderr:
+            NGINX_LOAD_STREAM = ""  # built in statically
+            return None
+        return f"{NGINX_STREAM_MODULE} missing (apt install libnginx-mod-stream)"
+    if name == "fastproxy":
+        if fastproxy_cmd:
+            return None
+        env = dict(os.environ, PYTHONPATH=REPO)
+        r = subprocess.run([PY, "-c", "import fastproxy._engine"], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            err = (r.stderr.strip().splitlines() or ["?"])[-1]
+            return f"engine not importable ({err})"
+        return None
+    return f"unknown proxy {name}"
+
+
+def _fastproxy_build(fastproxy_cmd: str | None) -> dict:
+    """`fastproxy version` and the compiled modules' mtimes (the in-place build may change under a run)."""
+    cmd = shlex.split(fastproxy_cmd) if fastproxy_cmd else [PY, "-m", "fastproxy"]
+    try:
+        r = subprocess.run(cmd + ["version"], capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
+        version = r.stdout.strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        version = [f"unavailable ({e})"]
+    pkg = os.path.join(REPO, "fastproxy")
+    mods = {}
+    if os.path.isdir(pkg):
+        for f in sorted(os.listdir(pkg)):
+            if f.endswith(".so"):
+                mods[f.split(".")[0]] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(os.path.getmtime(os.path.join(pkg, f))))
+    return {"version": version, "modules_mtime": mods}
+
+
+def run(a: argparse.Namespace) -> dict:
+    t_start = time.monotonic()
+    proxies = []
+    skipped = {}
+    for name in a.only:
+        why = available(name, a.fastproxy_cmd)
+        if why:
+            skipped[name] = why
+            log(f"skipping {name}: {why}")
+        else:
+            proxies.append(name)
+    if not proxies:
+        raise BenchError("no proxy to benchmark")
+    b = Bench(a)
+    results: list[dict] = []
+    try:
+        if set(a.scenarios) & {"msg64", "msg1k", "idle", "latency"}:
+            b.start_broker()
+        if "bulk" in a.scenarios:
+            b.start_sink()
+        runners: dict[str, Callable[[str], dict]] = {
+            "msg64": lambda p: b.run_msg(p, 64),
+            "msg1k": lambda p: b.run_msg(p, 1024),
+            "bulk": b.run_bulk,
+            "idle": b.run_idle,
+            "latency": b.run_latency,
+        }
+        for rnd in range(1, a.rounds + 1):
+            if time.monotonic() - t_start > a.time_budget:
+                b.notes.append(f"time budget of {a.time_budget}s reached: stopped before round {rnd}")
+                log(b.notes[-1])
+                break
+            busy = cpu_busy_fraction(1.0)
+            b.background.append({"round": rnd, "busy": round(busy, 3)})
+            if busy > a.max_background:
+                b.notes.append(f"machine not idle before round {rnd}: {busy:.0%} of the CPUs busy with other work;"
+                               " figures of this round are less reliable")
+                log(b.notes[-1])
+            k = (rnd - 1) % len(proxies)
+            order = proxies[k:] + proxies[:k]  # rotate so that no proxy always runs first
+            b.round = rnd
+            log(f"round {rnd}/{a.rounds}: order {', '.join(order)}")
+            for sc in a.scenarios:
+                extra = ["direct"] if sc in ("latency",) or (sc.startswith("msg") and a.direct) else []
+                for p in extra + order:
+                    t0 = time.monotonic()
+                    try:
+                        res = runners[sc](p)
+                    except Exception as e:  # one failed measurement must not end the run  # noqa: BLE001
+                        res = {"error": f"{type(e).__name__}: {e}"}
+                    res["wall_s"] = round(time.monotonic() - t0, 3)
+                    results.append({"round": rnd, "scenario": sc, "proxy": p, **res})
+                    log(f"  {sc:8} {p:10} {_brief(sc, res)}")
+    finally:
+        b.procs.stop_all()
+        if a.keep_tmp:
+            log(f"kept {b.tmp}")
+        else:
+            shutil.rmtree(b.tmp, ignore_errors=True)
+    return {"proxies": proxies, "skipped": skipped, "results": results, "notes": b.notes,
+            "background_busy": b.background,
+            "wall_s": round(time.monotonic() - t_start, 1)}
+
+
+def _brief(sc: str, r: dict) -> str:
+    if "error" in r:
+        return "ERROR " + r["error"]
+    if sc.startswith("msg"):
+        s = f"{r.get('count')}/{r.get('expected')} msgs, {r.get('msgs_per_s') or 0:,.0f} msg/s"
+        if "cpu_us_per_msg" in r:
+            s += f", {r['cpu_us_per_msg']:.3f} µs/msg (cpu {r['cpu_s']:.3f}s)"
+    elif sc == "bulk":
+        s = f"{r['bytes_received'] / 1e6:.0f} MB, {r.get('mb_per_s') or 0:,.0f} MB/s, {r['cpu_s_per_gb']:.3f} s/GB"
+    elif sc == "idle":
+        s = (f"{r['conns_ok']} conns in {r['open_s']:.1f}s, rss {r['rss_before_kib']} -> {r['rss_idle_kib']} KiB, "
+             f"{(r['kib_per_conn'] or 0):.1f} KiB/conn, {(r['handshake_cpu_ms'] or 0):.3f} ms/handshake")
+    else:
+        s = f"p50 {r.get('p50_us', 0):.0f} µs, p99 {r.get('p99_us', 0):.0f} µs, lost {r.get('lost')}"
+    if r.get("warning"):
+        s += f"  WARNING: {r['warning']}"
+    return s + f"  [{r['wall_s']:.1f}s]"
+
+
+def summarize(out: dict) -> dict:
+    """Medians per (scenario, metric, proxy); added latency is per round (proxy - direct), then median."""
+    res = out["results"]
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in res:
+        if "error" not in r:
+            by.setdefault((r["scenario"], r["proxy"]), []).append(r)
+    # added latency: per round (proxy - direct of that round) in the raw results; the summary
+    # uses median(proxy) - median(direct), which is less sensitive to one noisy direct run
+    direct_rows = by.get(("latency", "direct"), [])
+    direct_lat = {r["round"]: r for r in direct_rows}
+    direct_med = {k: median(r[k] for r in direct_rows if k in r) for k in ("p50_us", "p99_us")}
+    for (sc, p), rows in by.items():
+        if sc == "latency" and p != "direct":
+            for r in rows:
+                d = direct_lat.get(r["round"])
+                if d and "p50_us" in r and "p50_us" in d:
+                    r["added_p50_us_vs_same_round"] = r["p50_us"] - d["p50_us"]
+                    r["added_p99_us_vs_same_round"] = r["p99_us"] - d["p99_us"]
+    summary: dict = {}
+    for m in METRICS:
+        vals = {}
+        spread = {}
+        for p in out["proxies"] + ["direct"]:
+            if m.key.startswith("added_"):
+                base_key = m.key[len("added_"):]
+                xs = [r[base_key] for r in by.get((m.scenario, p), []) if r.get(base_key) is not None]
+                if p == "direct" or not xs or direct_med.get(base_key) is None:
+                    continue
+                vals[p] = median(xs) - direct_med[base_key]
+                spread[p] = {"n": len(xs), "min": min(xs) - direct_med[base_key],
+                             "max": max(xs) - direct_med[base_key]}
+                continue
+            xs = [r[m.key] for r in by.get((m.scenario, p), []) if r.get(m.key) is not None]
+            if xs:
+                med = median(xs)
+                vals[p] = med
+                spread[p] = {"n": len(xs), "min": min(xs), "max": max(xs)}
+        peers = {p: v for p, v in vals.items() if p in PEERS}
+        best_name = None
+        if peers:
+            best_name = (min if m.lower_is_better else max)(peers, key=peers.get)
+        ratios = {}
+        # a ratio only means something when both are positive (added latency can be <= 0 in noise)
+        if best_name is not None and peers[best_name] > 0:
+            for p, v in vals.items():
+                if p != "direct" and v > 0:
+                    ratios[p] = v / peers[best_name]
+        verdict = None
+        if m.target and "fastproxy" in vals:
+            kind, k = m.target
+            if kind == "abs":
+                verdict = vals["fastproxy"] <= k
+            elif best_name is not None:
+                verdict = vals["fastproxy"] <= k * peers[best_name]
+        summary[f"{m.scenario}.{m.key}"] = {
+            "label": m.label, "unit": m.unit, "lower_is_better": m.lower_is_better, "median": vals,
+            "spread": spread, "best_peer": best_name, "ratio_to_best_peer": ratios,
+            "target": _target_text(m), "meets_target": verdict,
+        }
+    # raw latency medians too (not ratioed)
+    for key in ("p50_us", "p99_us"):
+        vals = {}
+        for p in out["proxies"] + ["direct"]:
+            xs = [r[key] for r in by.get(("latency", p), []) if r.get(key) is not None]
+            if xs:
+                vals[p] = median(xs)
+        if vals:
+            summary[f"latency.{key}"] = {"label": f"round trip {key[:3]} (absolute)", "unit": "µs", "median": vals}
+    return summary
+
+
+def _target_text(m: Metric) -> str | None:
+    if not m.target:
+        return None
+    kind, k = m.target
+    return f"<= {k:g} {m.unit}" if kind == "abs" else ("<= best peer" if k == 1.0 else f"<= {k:g}x best peer")
+
+
+def print_table(out: dict, summary: dict) -> None:
+    cols = out["proxies"] + ["direct"]
+    has_direct = any("direct" in s.get("median", {}) for s in summary.values())
+    if not has_direct:
+        cols.remove("direct")
+    w0, w = 44, 18
+    hdr = f"{'figure':<{w0}}" + "".join(f"{c:>{w}}" for c in cols) + f"  {'target (fastproxy)':<22}"
+    print()
+    print(hdr)
+    print("-" * len(hdr))
+    for m in METRICS:
+        s = summary.get(f"{m.scenario}.{m.key}")
+        if not s or not s["median"]:
+            continue
+        cells = []
+        for c in cols:
+            v = s["median"].get(c)
+            if v is None:
+                cells.append(f"{'-':>{w}}")
+                continue
+            txt = m.fmt.format(v)
+            r = s["ratio_to_best_peer"].get(c)
+            if r is not None:
+                txt += f" ({r:.2f}x)"
+            cells.append(f"{txt:>{w}}")
+        verdict = ""
+        if s["target"]:
+            verdict = s["target"]
+            if s["meets_target"] is not None:
+                verdict += "  " + ("PASS" if s["meets_target"] else "FAIL")
+        print(f"{m.label + ' [' + m.unit + ']':<{w0}}" + "".join(cells) + f"  {verdict}")
+    for key in ("latency.p50_us", "latency.p99_us"):
+        s = summary.get(key)
+        if s:
+            med = s["median"]
+            cells = [f"{(format(med[c], '.0f') if c in med else '-'):>{w}}" for c in cols]
+            print(f"{s['label'] + ' [µs]':<{w0}}" + "".join(cells))
+    print()
+    print("(x) = ratio to the best peer (the better of HAProxy / nginx) for that figure; medians over rounds.")
+    warnings = [r for r in out["results"] if r.get("warning") or r.get("error")]
+    if warnings:
+        print("\nwarnings / errors:")
+        for r in warnings:
+            print(f"  round {r['round']} {r['scenario']} {r['proxy']}: {r.get('error') or r.get('warning')}")
+    for name, why in out["skipped"].items():
+        print(f"skipped {name}: {why}")
+    for n in out["notes"]:
+        print(f"note: {n}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
+    p.add_argument("--messages", type=int, help="messages per msg64/msg1k run (default 200000; --quick 20000)")
+    p.add_argument("--bulk-mb", type=int, help="MiB pushed per bulk run (default 1024; --quick 128)")
+    p.add_argument("--idle-conns", type=int, help="idle mTLS connections (default 5000; --quick 500)")
+    p.add_argument("--latency-seconds", type=float, help="seconds per latency run (default 5; --quick 2)")
+    p.add_argument("--latency-rate", type=float, default=1000, help="messages/s in the latency run (default 1000)")
+    p.add_argument("--only", default=",".join(PROXIES), help="comma list of: " + ",".join(PROXIES))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of: " + ",".join(SCENARIOS))
+    p.add_argument("--json", metavar="FILE", help="write all raw results and the summary as JSON")
+    p.add_argument("--quick", action="store_true", help="~1 minute smoke run")
+    p.add_argument("--no-direct", dest="direct", action="store_false",
+                   help="skip the no-proxy msgs/s reference run in msg64/msg1k")
+    p.add_argument("--idle-procs", type=int, default=1, help="client processes holding the idle connections")
+    p.add_argument("--idle-concurrency", type=int, default=64, help="connections being opened at once per process")
+    p.add_argument("--tls-suite", default=TLS13_SUITE,
+                   help=f"the one TLS 1.3 cipher suite every proxy is configured with (default {TLS13_SUITE}; "
+                        "TLS_CHACHA20_POLY1305_SHA256 on CPUs without AES instructions, e.g. Raspberry Pi 4)")
+    p.add_argument("--fastproxy-cmd", help="command that runs fastproxy (default: python3 -m fastproxy from the repo)")
+    p.add_argument("--step-timeout", type=float, default=180, help="bound for any single measurement step (s)")
+    p.add_argument("--time-budget", type=float, default=900,
+                   help="no new round starts after this many seconds (default 900)")
+    p.add_argument("--max-background", type=float, default=0.10,
+                   help="warn when more than this fraction of the CPUs is busy before a round (default 0.10)")
+    p.add_argument("--perf", metavar="DIR",
+                   help="perf record -g each proxy during msg64/msg1k/bulk into DIR (perturbs the CPU figures)")
+    p.add_argument("--perf-freq", type=int, default=999, help="perf sampling frequency (default 999 Hz)")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, certs, logs)")
+    a = p.parse_args(argv)
+    q = a.quick
+    for name, full, quick in (("rounds", 3, 1), ("messages", 200_000, 20_000), ("bulk_mb", 1024, 128),
+                              ("idle_conns", 5000, 500), ("latency_seconds", 5.0, 2.0)):
+        if getattr(a, name) is None:
+            setattr(a, name, quick if q else full)
+    a.only = [x.strip() for x in a.only.split(",") if x.strip()]
+    a.scenarios = [x.strip() for x in a.scenarios.split(",") if x.strip()]
+    for x in a.only:
+        if x not in PROXIES:
+            p.error(f"--only: unknown proxy {x!r} (choose from {', '.join(PROXIES)})")
+    for x in a.scenarios:
+        if x not in SCENARIOS:
+            p.error(f"--scenarios: unknown scenario {x!r} (choose from {', '.join(SCENARIOS)})")
+    if a.rounds < 1 or a.messages < 1 or a.bulk_mb < 1 or a.idle_conns < 1:
+        p.error("--rounds, --messages, --bulk-mb and --idle-conns must be positive")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    env = environment()
+    if "fastproxy" in a.only:
+        env["fastproxy"] = _fastproxy_build(a.fastproxy_cmd)
+    log(f"{env['cpus']} CPU(s) {env['cpu']}, kernel {env['kernel']}; {env['haproxy']}; {env['nginx']}")
+    try:
+        out = run(a)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except BenchError as e:
+        log(f"error: {e}")
+        return 1
+    summary = summarize(out)
+    print_table(out, summary)
+    if a.json:
+        cfg = {k: v for k, v in vars(a).items()}
+        with open(a.json, "w") as f:
+            json.dump({"env": env, "args": cfg, "summary": summary, **out}, f, indent=2, default=str)
+        log(f"wrote {a.json}")
+    log(f"total {out['wall_s']}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""Load generators for benchmarks/e2e.py (each run as its own process, loopback only).
+
+    loadgen.py sink     --port P                         plain TCP sink; one JSON line per connection
+    loadgen.py bulk     --port P --mb N --ca --cert --key  push N MiB of MQTT PUBLISH packets over mTLS
+    loadgen.py idle     --port P --conns N ...            open N mTLS + MQTT CONNECT/CONNACK sessions, hold
+    loadgen.py latency  --port P [--ca --cert --key] ...  1000 msg/s QoS 0 round trip, pub + sub
+
+Every mode is bounded by --max-seconds and prints one JSON object per result on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import ssl
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    MQTT_CONNACK_OK,
+    MQTT_DISCONNECT,
+    MqttReader,
+    client_ssl_context,
+    mqtt_connect,
+    mqtt_publish_header,
+    mqtt_subscribe,
+    percentile,
+)
+
+
+def emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _term(signum, frame):  # noqa: ARG001
+    raise SystemExit(0)
+
+
+# --------------------------------------------------------------------------- sink
+
+
+def cmd_sink(a: argparse.Namespace) -> int:
+    """Accept connections one at a time, answer an MQTT CONNACK, count bytes until EOF."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((a.host, a.port))
+    srv.listen(64)
+    srv.settimeout(0.5)
+    emit({"listening": srv.getsockname()[1]})
+    deadline = time.monotonic() + a.max_seconds
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    while time.monotonic() < deadline:
+        try:
+            c, _ = srv.accept()
+        except socket.timeout:
+            continue
+        c.settimeout(a.conn_timeout)
+        n = 0
+        t_first = t_last = 0
+        err = None
+        try:
+            if a.connack:
+                c.sendall(MQTT_CONNACK_OK)
+            while True:
+                k = c.recv_into(view)
+                if not k:
+                    break
+                t_last = time.monotonic_ns()
+                if not n:
+                    t_first = t_last
+                n += k
+        except OSError as e:
+            err = str(e)
+        finally:
+            c.close()
+        emit({"bytes": n, "t_first_ns": t_first, "t_last_ns": t_last, "error": err})
+    return 0
+
+
+# --------------------------------------------------------------------------- bulk
+
+
+def cmd_bulk(a: argparse.Namespace) -> int:
+    """Send an MQTT CONNECT, then QoS 0 PUBLISH packets until --mb MiB of application bytes are sent."""
+    ctx = client_ssl_context(a.ca, a.cert, a.key)
+    total = a.mb * 1024 * 1024
+    payload_len = a.chunk_kib * 1024
+    pkt = mqtt_publish_header("bench/bulk", payload_len) + os.urandom(payload_len)
+    t0 = time.monotonic_ns()
+    raw = socket.create_connection((a.host, a.port), timeout=a.max_seconds)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s = ctx.wrap_socket(raw, server_hostname="localhost")
+    t_hs = time.monotonic_ns()
+    deadline = time.monotonic() + a.max_seconds
+    first = mqtt_connect(f"bulk-{os.getpid()}")
+    s.sendall(first)
+    sent = len(first)
+    mv = memoryview(pkt)
+    while sent < total and time.monotonic() < deadline:
+        chunk = mv if total - sent >= len(pkt) else mv[: total - sent]
+        s.sendall(chunk)
+        sent += len(chunk)
+    t_sent = time.monotonic_ns()
+    # close_notify, then wait (bounded) for the proxy to close its side
+    cipher_info = s.cipher()
+    s.settimeout(10)
+    try:
+        s.unwrap().close()
+    except (OSError, ValueError):
+        s.close()
+    cipher, version = cipher_info[0], cipher_info[1]
+    emit({"bytes": sent, "cipher": cipher, "version": version, "t_start_ns": t0, "t_handshake_ns": t_hs, "t_sent_ns": t_sent,
+          "t_closed_ns": time.monotonic_ns(), "complete": sent >= total})
+    return 0
+
+
+# --------------------------------------------------------------------------- idle
+
+
+class _Conn:
+    __slots__ = ("sock", "state", "t0", "out", "inbuf", "ssl")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.ssl: ssl.SSLSocket | None = None
+        self.state = "connect"
+        self.t0 = time.monotonic()
+        self.out = b""
+        self.inbuf = b""
+
+
+def cmd_idle(a: argparse.Namespace) -> int:
+    """Open --conns mTLS connections (TCP, TLS handshake, MQTT CONNECT, wait CONNACK), at most
+    --concurrency in progress; report; hold them until stdin closes (or --max-seconds); close."""
+    signal.signal(signal.SIGTERM, _term)
+    ctx = client_ssl_context(a.ca, a.cert, a.key)
+    sel = selectors.DefaultSelector()
+    done: list[socket.socket] = []
+    failed: list[str] = []
+    pending = 0
+    started = 0
+    t_start = time.monotonic()
+    deadline = t_start + a.open_seconds
+    prefix = f"idle-{os.getpid()}-"
+
+    def fail(c: _Conn, why: str) -> None:
+        failed.append(why)
+        try:
+            sel.unregister(c.ssl or c.sock)
+        except (KeyError, ValueError):
+            pass
+        (c.ssl or c.sock).close()
+
+    def step(c: _Conn) -> None:
+        """Advance one connection's state machine as far as it goes without blocking."""
+        nonlocal pending
+        s = c.ssl or c.sock
+        try:
+            if c.state == "connect":
+                err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
+                sel.unregister(c.sock)
+                c.ssl = ctx.wrap_socket(c.sock, server_hostname="localhost", do_handshake_on_connect=False)
+                s = c.ssl
+                sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE, c)
+                c.state = "handshake"
+            if c.state == "handshake":
+                c.ssl.do_handshake()
+                c.out = mqtt_connect(prefix + str(id(c)), keepalive=a.keepalive)
+                c.state = "send"
+            if c.state == "send":
+                while c.out:
+                    n = c.ssl.send(c.out)
+                    c.out = c.out[n:]
+                c.state = "connack"
+                sel.modify(s, selectors.EVENT_READ, c)
+            if c.state == "connack":
+                while len(c.inbuf) < 4:
+                    data = c.ssl.recv(4 - len(c.inbuf))
+                    if not data:
+                        raise ConnectionError("closed before CONNACK")
+                    c.inbuf += data
+                if c.inbuf != MQTT_CONNACK_OK:
+                    raise ConnectionError(f"unexpected CONNACK {c.inbuf.hex()}")
+                c.state = "idle"
+                pending -= 1
+                done.append(s)
+                sel.modify(s, selectors.EVENT_READ, c)  # only to notice closes while idle
+        except ssl.SSLWantReadError:
+            sel.modify(s, selectors.EVENT_READ, c)
+        except ssl.SSLWantWriteError:
+            sel.modify(s, selectors.EVENT_WRITE, c)
+        except (OSError, ValueError, ConnectionError) as e:
+            pending -= 1
+            fail(c, f"{c.state}: {e}")
+
+    while (started < a.conns or pending) and time.monotonic() < deadline:
+        while started < a.conns and pending < a.concurrency:
+            raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            raw.setblocking(False)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            started += 1
+            pending += 1
+            c = _Conn(raw)
+            rc = raw.connect_ex((a.host, a.port))
+            if rc not in (0, errno.EINPROGRESS):
+                pending -= 1
+                failed.append(f"connect: {os.strerror(rc)}")
+                raw.close()
+                continue
+            sel.register(raw, selectors.EVENT_WRITE, c)
+        for key, _ in sel.select(timeout=0.2):
+            c = key.data
+            if c.state == "idle":
+                # data or close on an established idle session
+                try:
+                    if not c.ssl.recv(1024):
+                        raise ConnectionError("closed")
+                except ssl.SSLWantReadError:
+                    continue
+                except (OSError, ConnectionError) as e:
+                    done.remove(c.ssl)
+                    fail(c, f"idle: {e}")
+                continue
+            step(c)
+        now = time.monotonic()
+        for key in list(sel.get_map().values()):
+            c = key.data
+            if c.state != "idle" and now - c.t0 > a.conn_timeout:
+                pending -= 1
+                fail(c, f"{c.state}: timeout")
+    if pending:
+        failed.append(f"{pending} still opening at the deadline")
+    reasons: dict[str, int] = {}
+    for r in failed:
+        reasons[r] = reasons.get(r, 0) + 1
+    emit({"ready": True, "ok": len(done), "failed": len(failed), "reasons": reasons,
+          "open_seconds": round(time.monotonic() - t_start, 3)})
+
+    # hold: watch stdin (EOF = stop) and the sessions (count closes)
+    closed_while_idle = 0
+    try:
+        sel.register(sys.stdin, selectors.EVENT_READ, None)
+    except (ValueError, PermissionError):
+        pass
+    hold_deadline = time.monotonic() + a.max_seconds
+    stop = False
+    while not stop and time.monotonic() < hold_deadline:
+        for key, _ in sel.select(timeout=0.5):
+            if key.data is None:
+                if not os.read(sys.stdin.fileno(), 4096):
+                    stop = True
+                continue
+            c = key.data
+            if c.state != "idle":
+                continue
+            try:
+                if not c.ssl.recv(1024):
+                    raise ConnectionError("closed")
+            except ssl.SSLWantReadError:
+                continue
+            except (OSError, ConnectionError):
+                closed_while_idle += 1
+                sel.unregister(c.ssl)
+                c.ssl.close()
+                c.state = "closed"
+    n_open = 0
+    for key in list(sel.get_map().values()):
+        if key.data is not None and key.data.state == "idle":
+            n_open += 1
+            if a.disconnect:
+                try:
+                    key.data.ssl.send(MQTT_DISCONNECT)
+                except (OSError, ssl.SSLError):
+                    pass
+            key.data.ssl.close()
+    emit({"closed_while_idle": closed_while_idle, "closed_at_end": n_open})
+    return 0
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def _mqtt_session(a: argparse.Namespace, client_id: str):
+    raw = socket.create_connection((a.host, a.port), timeout=10)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if a.ca:
+        s = client_ssl_context(a.ca, a.cert, a.key).wrap_socket(raw, server_hostname="localhost")
+    else:
+        s = raw
+    s.sendall(mqtt_connect(client_id, keepalive=600))
+    rd = MqttReader()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        data = s.recv(4096)
+        if not data:
+            raise ConnectionError("closed before CONNACK")
+        for first, body in rd.feed(data):
+            if first == 0x20:
+                if body[1] != 0:
+                    raise ConnectionError(f"CONNACK refused: {body.hex()}")
+                return s, rd
+    raise TimeoutError("no CONNACK")
+
+
+def cmd_latency(a: argparse.Namespace) -> int:
+    """A subscriber (forked child) and a publisher, both via --host:--port (TLS if --ca).
+
+    The publisher sends --rate msg/s for --seconds, each payload carrying time.monotonic_ns()
+    and a sequence number; the subscriber computes arrival - send (CLOCK_MONOTONIC is shared by
+    processes) and reports percentiles over the messages after the first --warmup seconds."""
+    n = int(a.rate * a.seconds)
+    topic = f"lat/{os.getpid()}"
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # subscriber
+        os.close(rfd)
+        code = 1
+        try:
+            s, rd = _mqtt_session(a, f"lat-sub-{os.getpid()}")
+            s.sendall(mqtt_subscribe(1, topic))
+            lat: list[int] = []
+            got = 0
+            seen_suback = False
+            s.settimeout(0.5)
+            skip = int(a.rate * a.warmup)
+            deadline = time.monotonic() + a.seconds + 15
+            last_rx = None
+            while time.monotonic() < deadline and got < n:
+                try:
+                    data = s.recv(65536)
+                except socket.timeout:
+                    if last_rx is not None and time.monotonic() - last_rx > 3:
+                        break
+                    continue
+                now = time.monotonic_ns()
+                if not data:
+                    break
+                for first, body in rd.feed(data):
+                    if first == 0x90 and not seen_suback:
+                        seen_suback = True
+                        os.write(wfd, b"R")
+                    elif first & 0xF0 == 0x30:
+                        tl = int.from_bytes(body[:2], "big")
+                        ts, seq = struct.unpack_from("!qI", body, 2 + tl)
+                        got += 1
+                        last_rx = time.monotonic()
+                        if seq >= skip:
+                            lat.append(now - ts)
+            lat.sort()
+            res = {"n": n, "received": got, "lost": n - got, "samples": len(lat)}
+            if lat:
+                res.update(p50_us=percentile(lat, 50) / 1e3, p90_us=percentile(lat, 90) / 1e3,
+                           p99_us=percentile(lat, 99) / 1e3, max_us=lat[-1] / 1e3,
+                           mean_us=sum(lat) / len(lat) / 1e3)
+            os.write(wfd, b"J" + json.dumps(res).encode() + b"\n")
+            code = 0
+        except Exception as e:  # report, never hang the parent
+            os.write(wfd, b"J" + json.dumps({"error": f"subscriber: {e!r}"}).encode() + b"\n")
+        finally:
+            os._exit(code)
+
+    os.close(wfd)
+    rf = os.fdopen(rfd, "rb")
+    result: dict = {}
+    try:
+        # wait for SUBACK (bounded)
+        import select
+
+        r, _, _ = select.select([rf], [], [], 15)
+        first = rf.read(1) if r else b""
+        if first != b"R":
+            rest = rf.read() if first == b"J" else b""
+            emit(json.loads(rest) if rest else {"error": "subscriber not ready"})
+            return 1
+        s, _ = _mqtt_session(a, f"lat-pub-{os.getpid()}")
+        pad = b"x" * max(0, a.size - 12)
+        hdr = mqtt_publish_header(topic, 12 + len(pad))
+        interval = 1e9 / a.rate
+        t0 = time.monotonic_ns() + 1_000_000
+        for seq in range(n):
+            target = t0 + int(seq * interval)
+            d = target - time.monotonic_ns()
+            if d > 0:
+                time.sleep(d / 1e9)  # absolute schedule: a late wake-up is caught up, not accumulated
+            s.sendall(hdr + struct.pack("!qI", time.monotonic_ns(), seq) + pad)
+        r, _, _ = select.select([rf], [], [], a.seconds + 20)
+        line = rf.readline() if r else b""
+        result = json.loads(line[1:]) if line.startswith(b"J") else {"error": "no result from subscriber"}
+        try:
+            s.sendall(MQTT_DISCONNECT)
+            s.close()
+        except OSError:
+            pass
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL) if result == {} else None
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+    emit(result)
+    return 0 if "error" not in result else 1
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, tls_required: bool) -> None:
+        sp.add_argument("--host", default="127.0.0.1")
+        sp.add_argument("--port", type=int, required=True)
+        sp.add_argument("--ca", required=tls_required)
+        sp.add_argument("--cert", required=tls_required)
+        sp.add_argument("--key", required=tls_required)
+        sp.add_argument("--max-seconds", type=float, default=600)
+
+    sp = sub.add_parser("sink")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=0)
+    sp.add_argument("--max-seconds", type=float, default=3600)
+    sp.add_argument("--conn-timeout", type=float, default=120)
+    sp.add_argument("--no-connack", dest="connack", action="store_false")
+
+    sp = sub.add_parser("bulk")
+    common(sp, True)
+    sp.add_argument("--mb", type=int, default=1024, help="MiB of application data to send")
+    sp.add_argument("--chunk-kib", type=int, default=256, help="PUBLISH payload size")
+
+    sp = sub.add_parser("idle")
+    common(sp, True)
+    sp.add_argument("--conns", type=int, default=5000)
+    sp.add_argument("--concurrency", type=int, default=64)
+    sp.add_argument("--open-seconds", type=float, default=180)
+    sp.add_argument("--conn-timeout", type=float, default=30)
+    sp.add_argument("--keepalive", type=int, default=3600)
+    sp.add_argument("--disconnect", action="store_true", help="send DISCONNECT before closing")
+
+    sp = sub.add_parser("latency")
+    common(sp, False)
+    sp.add_argument("--rate", type=float, default=1000)
+    sp.add_argument("--seconds", type=float, default=5)
+    sp.add_argument("--warmup", type=float, default=0.5)
+    sp.add_argument("--size", type=int, default=64, help="payload bytes (>= 12)")
+
+    a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _term)
+    return {"sink": cmd_sink, "bulk": cmd_bulk, "idle": cmd_idle, "latency": cmd_latency}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
