@@ -298,6 +298,21 @@ def _resolve(host: str) -> str:
     return str(infos[0][4][0])
 
 
+def _path(value: Any, base_dir: str, what: str) -> str:
+    """A path from the configuration; relative ones are relative to the file that holds them."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected {what}, got {value!r}")
+    return value if os.path.isabs(value) else os.path.normpath(os.path.join(base_dir, value))
+
+
+def key_path(cfg_source: str, n_listeners: int, index: int, key: str) -> str:
+    """How messages name a listener key: the flag on the command line, `listener[i].key` in a
+    file with several listeners, `key` otherwise."""
+    if cfg_source == CLI_SOURCE:
+        return flag_for(key)
+    return f"listener[{index}].{key}" if n_listeners > 1 else key
+
+
 def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> Any:
     try:
         if kind == "str":
@@ -320,9 +335,7 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
                 raise ValueError("needs at least one address")
             return tuple(parse_address(v, listen=True) for v in items)
         if kind == "file":
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"expected a file path, got {value!r}")
-            path = value if os.path.isabs(value) else os.path.normpath(os.path.join(base_dir, value))
+            path = _path(value, base_dir, "a file path")
             if not os.path.exists(path):
                 raise ValueError(f"file not found: {path}")
             if not os.path.isfile(path):
@@ -394,9 +407,7 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
                     raise ValueError(f"{name}: {e}") from None
             return tuple(out)
         if kind == "path":
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"expected a file or directory path, got {value!r}")
-            path = value if os.path.isabs(value) else os.path.normpath(os.path.join(base_dir, value))
+            path = _path(value, base_dir, "a file or directory path")
             if not os.path.exists(path):
                 raise ValueError(f"not found: {path}")
             return path
@@ -421,7 +432,7 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
                 raise ValueError(f"expected a file path, '-' (stderr/stdout) or 'off', got {value!r}")
             if value in ("-", "off", "stderr", "stdout"):
                 return value
-            path = value if os.path.isabs(value) else os.path.normpath(os.path.join(base_dir, value))
+            path = _path(value, base_dir, "a file path")
             parent = os.path.dirname(path) or "."
             if not os.path.isdir(parent):
                 raise ValueError(f"directory does not exist: {parent}")

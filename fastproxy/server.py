@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
-from .config import Address, Config, ListenerConfig
+from .config import Address, Config, ListenerConfig, key_path
 from .errors import ConfigError, EngineNotBuiltError
 from .log import AccessLog, server_log, setup_error_log, tls_log, upstream_log
 from .policy import ConnectGate, PolicyHook, load_hook, needs_gate
@@ -81,7 +81,7 @@ def check_config(cfg: Config) -> list[str]:
     """Validate what the schema cannot (certificates, keys, CAs); return warnings."""
     warnings = []
     for i, lc in enumerate(cfg.listeners):
-        build_context(lc, source=cfg.source, index=i if len(cfg.listeners) > 1 else None)
+        build_context(lc, source=cfg.source, index=i, n_listeners=len(cfg.listeners))
         if lc.policy:
             load_hook(lc.policy, source=cfg.source, key=_key(cfg, i, "policy"))
         if not lc.upstream.is_loopback:
@@ -111,11 +111,7 @@ def _networks(cidrs: tuple[str, ...]) -> list[tuple[int, bytes, int]]:
 
 
 def _key(cfg: Config, index: int, key: str) -> str:
-    from .config import CLI_SOURCE, flag_for
-
-    if cfg.source == CLI_SOURCE:
-        return flag_for(key)
-    return f"listener[{index}].{key}" if len(cfg.listeners) > 1 else key
+    return key_path(cfg.source, len(cfg.listeners), index, key)
 
 
 class Proxy:
@@ -151,7 +147,7 @@ class Proxy:
         try:
             named = {name: self._add_upstream(addr) for name, addr in config.upstreams}
             for i, lc in enumerate(config.listeners):
-                ctx = build_context(lc, source=config.source, index=i if len(config.listeners) > 1 else None)
+                ctx = build_context(lc, source=config.source, index=i, n_listeners=len(config.listeners))
                 up = self._add_upstream(lc.upstream)
                 hook = load_hook(lc.policy, source=config.source, key=_key(config, i, "policy")) if lc.policy else policy
                 gate = ConnectGate(lc, hook=hook, upstreams=named, counters=self.refusals) if needs_gate(lc, hook) else None

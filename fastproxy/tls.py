@@ -1,7 +1,7 @@
 """TLS settings → OpenSSL contexts (the compiled fastproxy._tls), with errors that name keys."""
 from __future__ import annotations
 
-from .config import CLI_SOURCE, ListenerConfig, flag_for
+from .config import CLI_SOURCE, ListenerConfig, key_path
 from .errors import TLSConfigError
 
 
@@ -12,7 +12,7 @@ def openssl_version() -> str:
     return v()
 
 
-def build_context(lc: ListenerConfig, *, source: str = CLI_SOURCE, index: int | None = None):
+def build_context(lc: ListenerConfig, *, source: str = CLI_SOURCE, index: int = 0, n_listeners: int = 1):
     """The TLSContext for a listener, or None for a plain TCP listener.
 
     Loads certificate, key and CA files now, so `fastproxy check` catches what nginx -t would.
@@ -35,9 +35,5 @@ def build_context(lc: ListenerConfig, *, source: str = CLI_SOURCE, index: int | 
             crl=lc.crl,
         )
     except TLSConfigError as e:
-        key = e.key or "tls_cert"
-        if source == CLI_SOURCE:
-            key = flag_for(key)
-        elif index is not None:
-            key = f"listener[{index}].{key}"
+        key = key_path(source, n_listeners, index, e.key or "tls_cert")
         raise TLSConfigError(e.problem, source=source, key=key) from None
