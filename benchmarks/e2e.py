@@ -52,7 +52,10 @@ from common import (  # noqa: E402
 
 PROXIES = ("fastproxy", "haproxy", "nginx")
 PEERS = ("haproxy", "nginx")
-SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "latency")
+SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "latency", "connect", "connect-pp")
+DEFAULT_SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "latency")
+# connect-pp: fastproxy alone, without and with a PROXY v2 header (+ SSL TLVs + CN) toward a fake broker
+PP_VARIANTS = ("fastproxy", "fastproxy+v2-ssl-cn")
 LOADGEN = os.path.join(HERE, "loadgen.py")
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 NGINX_LOAD_STREAM = f"load_module {NGINX_STREAM_MODULE};\n"
@@ -68,6 +71,7 @@ class Metric:
     lower_is_better: bool
     target: tuple[str, float] | None = None  # ("peer", k): <= k x best peer; ("abs", v): <= v
     fmt: str = "{:.2f}"
+    ratio_to: str | None = None  # a fixed reference instead of the best peer (e.g. "haproxy")
 
 
 METRICS = (
@@ -82,6 +86,11 @@ METRICS = (
     Metric("idle", "handshake_cpu_ms", "proxy CPU per mTLS connection setup", "ms/conn", True, None, "{:.3f}"),
     Metric("latency", "added_p50_us", "added round-trip latency p50", "µs", True, ("peer", 1.0), "{:.0f}"),
     Metric("latency", "added_p99_us", "added round-trip latency p99", "µs", True, ("peer", 1.0), "{:.0f}"),
+    # connect: ratios to HAProxy, the only peer doing the same job (nginx: plain mTLS, no ClientId check)
+    Metric("connect", "cpu_ms_per_conn", "proxy CPU per mTLS CONNECT+check+CONNACK", "ms/conn", True, ("peer", 1.0),
+           "{:.3f}", ratio_to="haproxy"),
+    Metric("connect", "conns_per_s", "mTLS CONNECT/CONNACK connections/s", "conn/s", False, None, "{:,.0f}",
+           ratio_to="haproxy"),
 )
 
 
@@ -220,11 +229,26 @@ class Bench:
 
     # ---- proxies
 
-    def start_proxy(self, name: str, upstream_port: int) -> tuple[subprocess.Popen, int]:
+    def start_proxy(self, name: str, upstream_port: int, check_clientid: bool = False,
+                    proxy_protocol: str | None = None) -> tuple[subprocess.Popen, int]:
+        """check_clientid: the `connect` job (ClientId must equal the client certificate's CN);
+        nginx cannot do it without njs and ignores it (plain mTLS reference)."""
         port = free_port()
         c = self.certs
         tag = self._name(name)
         logp = self.path(f"{tag}.log")
+        haproxy_rules = ""
+        if check_clientid:
+            # HAProxy >= 2.4: wait for a whole valid MQTT CONNECT, then compare its ClientId with the
+            # verified certificate's CN (two fetches cannot be compared directly: CN -> variable, strcmp)
+            haproxy_rules = (
+                "    tcp-request inspect-delay 5s\n"
+                "    tcp-request content reject unless { req.payload(0,0),mqtt_is_valid }\n"
+                "    tcp-request content set-var(sess.cn) ssl_c_s_dn(cn)\n"
+                "    acl cn_ok req.payload(0,0),mqtt_field_value(connect,client_identifier),strcmp(sess.cn) eq 0\n"
+                "    tcp-request content reject unless cn_ok\n"
+                "    tcp-request content accept\n"
+            )
         if name == "fastproxy":
             argv = self.fastproxy_cmd + [
                 "serve", "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream_port}",
@@ -233,6 +257,10 @@ class Bench:
                 "--tls-min-version", "TLSv1.3", "--tls-ciphersuites", self.a.tls_suite,
                 "--access-log", "off", "--idle-timeout", "3600", "--workers", "1", "--drain-timeout", "0",
             ]
+            if check_clientid:
+                argv.append("--require-clientid-cn")
+            if proxy_protocol:
+                argv += ["--proxy-protocol", proxy_protocol]
             env = dict(os.environ)
             env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             p = self.procs.start(name, argv, log_path=logp, env=env, cwd=self.tmp)
@@ -253,6 +281,7 @@ class Bench:
                     "frontend fe\n"
                     f"    bind 127.0.0.1:{port} ssl crt {c.server_combined} verify required ca-file {c.ca}"
                     f" ssl-min-ver TLSv1.3 ciphersuites {self.a.tls_suite}\n"
+                    f"{haproxy_rules}"
                     "    default_backend be\n"
                     "backend be\n"
                     f"    server broker 127.0.0.1:{upstream_port}\n"
@@ -564,6 +593,107 @@ class Bench:
             if px is not None:
                 self.procs.stop(px)
 
+    # ---- connect / connect-pp
+
+    def start_fake_broker(self) -> None:
+        p = self.procs.start("fakebroker", [PY, LOADGEN, "broker", "--port", "0",
+                                            "--max-seconds", str(self.a.time_budget + 600)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, log_path=self.path("fakebroker.log"))
+        self.fake_lines = LineQueue(p.stdout)
+        self.fake_port = int(self.fake_lines.get_json(15)["listening"])
+        self.fake = p
+        log(f"fake broker (PROXY header aware) on 127.0.0.1:{self.fake_port} (pid {p.pid})")
+
+    def fake_stats(self) -> dict:
+        while not self.fake_lines.q.empty():
+            self.fake_lines.q.get_nowait()
+        self.fake.stdin.write(b"s\n")
+        self.fake.stdin.flush()
+        return self.fake_lines.get_json(10)
+
+    def connect_clients(self, port: int, conns: int, procs: int, client_id: str = "bench") -> dict:
+        """`procs` loadgen.py connect processes sharing `conns` connections; bounded; summed results."""
+        k = max(1, min(procs, conns))
+        per = [conns // k + (1 if i < conns % k else 0) for i in range(k)]
+        started: list[tuple[subprocess.Popen, LineQueue]] = []
+        try:
+            for n in per:
+                h = self.procs.start("connect", [PY, LOADGEN, "connect", "--port", str(port), "--conns", str(n),
+                                                 "--client-id", client_id, "--max-seconds", str(self.a.step_timeout),
+                                                 *self.loadgen_tls()],
+                                     stdout=subprocess.PIPE, log_path=self.path("connect.log"))
+                started.append((h, LineQueue(h.stdout)))
+            outs = [lq.get_json(self.a.step_timeout + 30) for _, lq in started]
+        finally:
+            for h, _ in started:
+                self.procs.stop(h, timeout=10)
+        tot: dict = {"attempted": 0, "ok": 0, "refused": 0, "errors": 0, "reasons": {}}
+        for o in outs:
+            for key in ("attempted", "ok", "refused", "errors"):
+                tot[key] += o[key]
+            for why, cnt in o["reasons"].items():
+                tot["reasons"][why] = tot["reasons"].get(why, 0) + cnt
+        tot["t_start_ns"] = min(o["t_start_ns"] for o in outs)
+        tot["t_end_ns"] = max(o["t_end_ns"] for o in outs)
+        return tot
+
+    def run_connect(self, proxy: str, pp_variant: str | None = None) -> dict:
+        """--connect-conns x (fresh TCP + full TLS 1.3 mTLS handshake + CONNECT ClientId=bench (= CN) +
+        CONNACK + DISCONNECT + close) from --connect-procs client processes; proxy CPU per connection.
+
+        `connect`: fastproxy --require-clientid-cn / HAProxy mqtt_field_value vs ssl_c_s_dn(cn) / nginx
+        plain mTLS, upstream Mosquitto. `connect-pp` (pp_variant set): fastproxy without / with
+        --proxy-protocol v2-ssl-cn, upstream the fake broker (which skips the header)."""
+        pp = pp_variant is not None and pp_variant.endswith("v2-ssl-cn")
+        name = "fastproxy" if pp_variant is not None else proxy
+        upstream = self.fake_port if pp_variant is not None else self.broker_port
+        px, port = self.start_proxy(name, upstream, check_clientid=True,
+                                    proxy_protocol="v2-ssl-cn" if pp else None)
+        try:
+            # functional checks (also the warm-up): the right ClientId passes, a wrong one is refused
+            good = self.connect_clients(port, 1, 1, "bench")
+            bad = self.connect_clients(port, 1, 1, "not-bench")
+            f0 = self.fake_stats() if pp_variant is not None else None
+            time.sleep(0.1)
+            c0 = group_cpu(px.pid)
+            r = self.connect_clients(port, self.a.connect_conns, self.a.connect_procs)
+            time.sleep(0.2)  # let the proxy finish the last closes
+            c1 = group_cpu(px.pid)
+            f1 = self.fake_stats() if pp_variant is not None else None
+            self.stop_proxy(name, px)
+            px = None
+        finally:
+            if px is not None:
+                self.procs.stop(px)
+        cpu = best_cpu_s(c0, c1)
+        ticks_s, sched_s = cpu_delta_s(c0, c1)
+        secs = (r["t_end_ns"] - r["t_start_ns"]) / 1e9
+        accepted = r["ok"] + r["refused"]  # connections that completed the TCP accept + got an answer
+        res = {"attempted": r["attempted"], "ok": r["ok"], "refused": r["refused"], "errors": r["errors"],
+               "reasons": r["reasons"], "elapsed_s": secs, "conns_per_s": r["ok"] / secs if secs > 0 else None,
+               "cpu_s": cpu, "cpu_ticks_s": ticks_s, "cpu_sched_s": sched_s,
+               "cpu_ms_per_conn": cpu / accepted * 1e3 if accepted else None,
+               "good_clientid_ok": good["ok"] == 1, "bad_clientid_refused": bad["ok"] == 0,
+               "bad_clientid_result": bad["reasons"] or "CONNACK 0x00 (let through)"}
+        warn = []
+        if r["ok"] != self.a.connect_conns:
+            warn.append(f"{r['ok']} of {self.a.connect_conns} connections got CONNACK 0x00 ({r['reasons']})")
+        if not res["good_clientid_ok"]:
+            warn.append(f"the right ClientId was not let through ({good['reasons']})")
+        checks = name != "nginx"
+        if checks and not res["bad_clientid_refused"]:
+            warn.append("a wrong ClientId was let through")
+        if f0 is not None and f1 is not None:
+            d = {k: f1[k] - f0[k] for k in ("accepted", "pp_v2", "pp_v1", "connacks", "disconnects")}
+            res["fake_broker"] = d
+            res["pp_v2_header_bytes"] = ((f1["pp_v2_bytes"] - f0["pp_v2_bytes"]) / d["pp_v2"]) if d["pp_v2"] else 0
+            want = r["ok"] if pp else 0
+            if d["pp_v2"] != want:
+                warn.append(f"fake broker saw {d['pp_v2']} PROXY v2 headers, expected {want}")
+        if warn:
+            res["warning"] = "; ".join(warn)
+        return res
+
 
 def _tail(path: str, n: int = 600) -> str:
     try:
@@ -640,16 +770,23 @@ def run(a: argparse.Namespace) -> dict:
     b = Bench(a)
     results: list[dict] = []
     try:
-        if set(a.scenarios) & {"msg64", "msg1k", "idle", "latency"}:
+        if set(a.scenarios) & {"msg64", "msg1k", "idle", "latency", "connect"}:
             b.start_broker()
         if "bulk" in a.scenarios:
             b.start_sink()
+        if "connect-pp" in a.scenarios:
+            if "fastproxy" in proxies:
+                b.start_fake_broker()
+            else:
+                b.notes.append("connect-pp skipped: it measures fastproxy only")
         runners: dict[str, Callable[[str], dict]] = {
             "msg64": lambda p: b.run_msg(p, 64),
             "msg1k": lambda p: b.run_msg(p, 1024),
             "bulk": b.run_bulk,
             "idle": b.run_idle,
             "latency": b.run_latency,
+            "connect": b.run_connect,
+            "connect-pp": lambda v: b.run_connect("fastproxy", pp_variant=v),
         }
         for rnd in range(1, a.rounds + 1):
             if time.monotonic() - t_start > a.time_budget:
@@ -668,7 +805,13 @@ def run(a: argparse.Namespace) -> dict:
             log(f"round {rnd}/{a.rounds}: order {', '.join(order)}")
             for sc in a.scenarios:
                 extra = ["direct"] if sc in ("latency",) or (sc.startswith("msg") and a.direct) else []
-                for p in extra + order:
+                sc_order = order
+                if sc == "connect-pp":
+                    if "fastproxy" not in proxies:
+                        continue
+                    j = (rnd - 1) % len(PP_VARIANTS)
+                    sc_order = list(PP_VARIANTS[j:] + PP_VARIANTS[:j])
+                for p in extra + sc_order:
                     t0 = time.monotonic()
                     try:
                         res = runners[sc](p)
@@ -700,6 +843,12 @@ def _brief(sc: str, r: dict) -> str:
     elif sc == "idle":
         s = (f"{r['conns_ok']} conns in {r['open_s']:.1f}s, rss {r['rss_before_kib']} -> {r['rss_idle_kib']} KiB, "
              f"{(r['kib_per_conn'] or 0):.1f} KiB/conn, {(r['handshake_cpu_ms'] or 0):.3f} ms/handshake")
+    elif sc.startswith("connect"):
+        s = (f"{r['ok']}/{r['attempted']} CONNACK ok, {r['conns_per_s'] or 0:,.0f} conn/s, "
+             f"{(r['cpu_ms_per_conn'] or 0):.3f} ms CPU/conn (cpu {r['cpu_s']:.2f}s); wrong ClientId: "
+             f"{'refused' if r['bad_clientid_refused'] else 'let through'}")
+        if "fake_broker" in r:
+            s += f"; PROXY v2 headers {r['fake_broker']['pp_v2']} ({r['pp_v2_header_bytes']:.0f} B)"
     else:
         s = f"p50 {r.get('p50_us', 0):.0f} µs, p99 {r.get('p99_us', 0):.0f} µs, lost {r.get('lost')}"
     if r.get("warning"):
@@ -747,7 +896,9 @@ def summarize(out: dict) -> dict:
                 spread[p] = {"n": len(xs), "min": min(xs), "max": max(xs)}
         peers = {p: v for p, v in vals.items() if p in PEERS}
         best_name = None
-        if peers:
+        if m.ratio_to:
+            best_name = m.ratio_to if m.ratio_to in peers else None
+        elif peers:
             best_name = (min if m.lower_is_better else max)(peers, key=peers.get)
         ratios = {}
         # a ratio only means something when both are positive (added latency can be <= 0 in noise)
@@ -783,7 +934,8 @@ def _target_text(m: Metric) -> str | None:
     if not m.target:
         return None
     kind, k = m.target
-    return f"<= {k:g} {m.unit}" if kind == "abs" else ("<= best peer" if k == 1.0 else f"<= {k:g}x best peer")
+    ref = m.ratio_to or "best peer"
+    return f"<= {k:g} {m.unit}" if kind == "abs" else (f"<= {ref}" if k == 1.0 else f"<= {k:g}x {ref}")
 
 
 def print_table(out: dict, summary: dict) -> None:

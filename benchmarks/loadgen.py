@@ -4,6 +4,9 @@
     loadgen.py bulk     --port P --mb N --ca --cert --key  push N MiB of MQTT PUBLISH packets over mTLS
     loadgen.py idle     --port P --conns N ...            open N mTLS + MQTT CONNECT/CONNACK sessions, hold
     loadgen.py latency  --port P [--ca --cert --key] ...  1000 msg/s QoS 0 round trip, pub + sub
+    loadgen.py connect  --port P --conns N ...            N x (mTLS handshake, CONNECT, CONNACK, DISCONNECT)
+    loadgen.py broker   --port P                          fake MQTT broker: skips a PROXY v1/v2 header,
+                                                          CONNACKs every CONNECT, closes on DISCONNECT
 
 Every mode is bounded by --max-seconds and prints one JSON object per result on stdout.
 """
@@ -411,6 +414,195 @@ def cmd_latency(a: argparse.Namespace) -> int:
     return 0 if "error" not in result else 1
 
 
+# --------------------------------------------------------------------------- connect
+
+
+def cmd_connect(a: argparse.Namespace) -> int:
+    """--conns times, one after the other: a fresh TCP connection, a full TLS 1.3 handshake with the
+    client certificate (no session resumption), MQTT CONNECT with --client-id, wait for the CONNACK,
+    DISCONNECT, close. Reports ok (CONNACK 0x00), refused (CONNACK != 0 or closed before CONNACK) and
+    errors, with reasons."""
+    signal.signal(signal.SIGTERM, _term)
+    ctx = client_ssl_context(a.ca, a.cert, a.key)
+    pkt = mqtt_connect(a.client_id, keepalive=60)
+    ok = refused = errors = 0
+    reasons: dict[str, int] = {}
+    deadline = time.monotonic() + a.max_seconds
+    t0 = time.monotonic_ns()
+    done = 0
+    for _ in range(a.conns):
+        if time.monotonic() > deadline:
+            reasons["deadline"] = reasons.get("deadline", 0) + 1
+            break
+        done += 1
+        why = None
+        s = None
+        try:
+            raw = socket.create_connection((a.host, a.port), timeout=a.conn_timeout)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s = ctx.wrap_socket(raw, server_hostname="localhost")
+            s.sendall(pkt)
+            buf = b""
+            while len(buf) < 4:
+                data = s.recv(4 - len(buf))
+                if not data:
+                    break
+                buf += data
+            if buf == MQTT_CONNACK_OK:
+                ok += 1
+                try:
+                    s.sendall(MQTT_DISCONNECT)
+                except OSError:
+                    pass  # e.g. the broker's session takeover closed it already: the CONNACK counts
+            elif len(buf) == 4 and buf[0] == 0x20:
+                refused += 1
+                why = f"CONNACK 0x{buf[3]:02x}"
+            else:
+                refused += 1
+                why = "closed before CONNACK" if not buf else f"unexpected reply {buf.hex()}"
+        except ssl.SSLError as e:
+            # a refusal during the handshake (e.g. bad certificate) or a reset after it
+            refused += 1
+            why = f"TLS: {e.reason or e}"
+        except (OSError, ValueError) as e:
+            errors += 1
+            why = f"{type(e).__name__}: {e}"
+        finally:
+            if s is not None:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+        if why:
+            reasons[why] = reasons.get(why, 0) + 1
+    emit({"attempted": done, "ok": ok, "refused": refused, "errors": errors, "reasons": reasons,
+          "t_start_ns": t0, "t_end_ns": time.monotonic_ns()})
+    return 0
+
+
+# --------------------------------------------------------------------------- fake broker
+
+PP2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+class _BConn:
+    __slots__ = ("sock", "buf", "pp_done")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.pp_done = False
+
+
+def cmd_broker(a: argparse.Namespace) -> int:
+    """A minimal MQTT 'broker' for the connect-pp scenario (Mosquitto 2.0 does not accept PROXY
+    headers). Per connection: an optional PROXY v2 (binary signature + 16-bit length) or v1
+    ('PROXY ...\\r\\n') header is skipped and counted, every CONNECT is answered with CONNACK 0x00,
+    DISCONNECT or EOF closes. Any line on stdin makes it print its counters as one JSON line;
+    EOF on stdin (or --max-seconds) ends it."""
+    signal.signal(signal.SIGTERM, _term)
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((a.host, a.port))
+    srv.listen(1024)
+    srv.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(srv, selectors.EVENT_READ, "srv")
+    sel.register(sys.stdin, selectors.EVENT_READ, "stdin")
+    st = {"accepted": 0, "pp_v2": 0, "pp_v1": 0, "pp_v2_bytes": 0, "connacks": 0, "disconnects": 0,
+          "bad": 0, "active": 0}
+    emit({"listening": srv.getsockname()[1]})
+    deadline = time.monotonic() + a.max_seconds
+
+    def close(c: _BConn) -> None:
+        sel.unregister(c.sock)
+        c.sock.close()
+        st["active"] -= 1
+
+    while time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=0.5):
+            if key.data == "srv":
+                for _ in range(64):
+                    try:
+                        cs, _addr = srv.accept()
+                    except BlockingIOError:
+                        break
+                    cs.setblocking(False)
+                    cs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sel.register(cs, selectors.EVENT_READ, _BConn(cs))
+                    st["accepted"] += 1
+                    st["active"] += 1
+                continue
+            if key.data == "stdin":
+                line = sys.stdin.readline()
+                if not line:
+                    return 0
+                emit(dict(st))
+                continue
+            c: _BConn = key.data
+            try:
+                data = c.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                close(c)
+                continue
+            c.buf += data
+            if not c.pp_done:
+                if c.buf.startswith(PP2_SIG[: len(c.buf)]) and len(c.buf) < 16:
+                    continue
+                if c.buf.startswith(PP2_SIG):
+                    total = 16 + int.from_bytes(c.buf[14:16], "big")
+                    if len(c.buf) < total:
+                        continue
+                    st["pp_v2"] += 1
+                    st["pp_v2_bytes"] += total
+                    c.buf = c.buf[total:]
+                elif c.buf.startswith(b"PROXY "[: len(c.buf)]) and b"\r\n" not in c.buf and len(c.buf) < 108:
+                    continue
+                elif c.buf.startswith(b"PROXY "):
+                    end = c.buf.find(b"\r\n")
+                    if end < 0:
+                        st["bad"] += 1
+                        close(c)
+                        continue
+                    st["pp_v1"] += 1
+                    c.buf = c.buf[end + 2 :]
+                c.pp_done = True
+            rd_close = False
+            while len(c.buf) >= 2:
+                mult, n, i = 1, 0, 1
+                complete = False
+                while i < len(c.buf) and i <= 4:
+                    b = c.buf[i]
+                    n += (b & 0x7F) * mult
+                    mult *= 128
+                    i += 1
+                    if not b & 0x80:
+                        complete = True
+                        break
+                if not complete or len(c.buf) < i + n:
+                    break
+                first = c.buf[0]
+                c.buf = c.buf[i + n :]
+                if first == 0x10:
+                    try:
+                        c.sock.send(MQTT_CONNACK_OK)
+                        st["connacks"] += 1
+                    except OSError:
+                        rd_close = True
+                        break
+                elif first == 0xE0:
+                    st["disconnects"] += 1
+                    rd_close = True
+                    break
+            if rd_close:
+                close(c)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -454,9 +646,21 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--warmup", type=float, default=0.5)
     sp.add_argument("--size", type=int, default=64, help="payload bytes (>= 12)")
 
+    sp = sub.add_parser("connect")
+    common(sp, True)
+    sp.add_argument("--conns", type=int, default=1000)
+    sp.add_argument("--client-id", default="bench")
+    sp.add_argument("--conn-timeout", type=float, default=15)
+
+    sp = sub.add_parser("broker")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=0)
+    sp.add_argument("--max-seconds", type=float, default=3600)
+
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _term)
-    return {"sink": cmd_sink, "bulk": cmd_bulk, "idle": cmd_idle, "latency": cmd_latency}[a.cmd](a)
+    return {"sink": cmd_sink, "bulk": cmd_bulk, "idle": cmd_idle, "latency": cmd_latency,
+            "connect": cmd_connect, "broker": cmd_broker}[a.cmd](a)
 
 
 if __name__ == "__main__":
