@@ -271,6 +271,22 @@ def cpu_busy_fraction(window: float = 0.5) -> float:
     return 1.0 - (i1 - i0) / (t1 - t0) if t1 > t0 else 0.0
 
 
+def system_busy_s() -> float:
+    """CPU seconds all CPUs have been busy since boot (/proc/stat user..steal, without idle/iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
+
+
+def own_cpu_s(pgids: Iterable[int]) -> float:
+    """CPU seconds of this process, of its reaped children (os.times), and of the live process groups
+    `pgids` (the broker, the proxy, ...). system_busy_s() minus this, over a measurement, is the CPU
+    used by everything else on the machine (plus the part of our own loopback networking that the
+    kernel does not charge to a process, a roughly constant share)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system + sum(group_cpu(g).tick_s for g in pgids)
+
+
 # --------------------------------------------------------------------------- statistics
 
 

@@ -47,6 +47,8 @@ from common import (  # noqa: E402
     log,
     median,
     nofile_target,
+    own_cpu_s,
+    system_busy_s,
     wait_port,
 )
 
@@ -624,6 +626,11 @@ class Bench:
                                      stdout=subprocess.PIPE, log_path=self.path("connect.log"))
                 started.append((h, LineQueue(h.stdout)))
             outs = [lq.get_json(self.a.step_timeout + 30) for _, lq in started]
+            for h, _ in started:  # they exit by themselves after their result line
+                try:
+                    h.wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
         finally:
             for h, _ in started:
                 self.procs.stop(h, timeout=10)
@@ -655,10 +662,13 @@ class Bench:
             bad = self.connect_clients(port, 1, 1, "not-bench")
             f0 = self.fake_stats() if pp_variant is not None else None
             time.sleep(0.1)
+            live = lambda: [q.pid for _, q in self.procs._procs if q.poll() is None]  # noqa: E731
+            bg0 = system_busy_s() - own_cpu_s(live())
             c0 = group_cpu(px.pid)
             r = self.connect_clients(port, self.a.connect_conns, self.a.connect_procs)
             time.sleep(0.2)  # let the proxy finish the last closes
             c1 = group_cpu(px.pid)
+            bg1 = system_busy_s() - own_cpu_s(live())
             f1 = self.fake_stats() if pp_variant is not None else None
             self.stop_proxy(name, px)
             px = None
@@ -673,6 +683,8 @@ class Bench:
                "reasons": r["reasons"], "elapsed_s": secs, "conns_per_s": r["ok"] / secs if secs > 0 else None,
                "cpu_s": cpu, "cpu_ticks_s": ticks_s, "cpu_sched_s": sched_s,
                "cpu_ms_per_conn": cpu / accepted * 1e3 if accepted else None,
+               "other_cpu_s": bg1 - bg0,  # CPU used outside our processes during the batch (see own_cpu_s)
+               "other_cpu_frac": (bg1 - bg0) / (secs + 0.2) / (os.cpu_count() or 1) if secs > 0 else None,
                "good_clientid_ok": good["ok"] == 1, "bad_clientid_refused": bad["ok"] == 0,
                "bad_clientid_result": bad["reasons"] or "CONNACK 0x00 (let through)"}
         warn = []
@@ -690,6 +702,8 @@ class Bench:
             want = r["ok"] if pp else 0
             if d["pp_v2"] != want:
                 warn.append(f"fake broker saw {d['pp_v2']} PROXY v2 headers, expected {want}")
+        if res["other_cpu_frac"] is not None and res["other_cpu_frac"] > self.a.max_background:
+            warn.append(f"{res['other_cpu_frac']:.0%} of the CPUs were busy outside the benchmark during the batch")
         if warn:
             res["warning"] = "; ".join(warn)
         return res
@@ -846,7 +860,7 @@ def _brief(sc: str, r: dict) -> str:
     elif sc.startswith("connect"):
         s = (f"{r['ok']}/{r['attempted']} CONNACK ok, {r['conns_per_s'] or 0:,.0f} conn/s, "
              f"{(r['cpu_ms_per_conn'] or 0):.3f} ms CPU/conn (cpu {r['cpu_s']:.2f}s); wrong ClientId: "
-             f"{'refused' if r['bad_clientid_refused'] else 'let through'}")
+             f"{'refused' if r['bad_clientid_refused'] else 'let through'}; other CPU {r['other_cpu_frac'] or 0:.0%}")
         if "fake_broker" in r:
             s += f"; PROXY v2 headers {r['fake_broker']['pp_v2']} ({r['pp_v2_header_bytes']:.0f} B)"
     else:
@@ -927,6 +941,31 @@ def summarize(out: dict) -> dict:
                 vals[p] = median(xs)
         if vals:
             summary[f"latency.{key}"] = {"label": f"round trip {key[:3]} (absolute)", "unit": "µs", "median": vals}
+    # connect-pp: fastproxy without / with --proxy-protocol v2-ssl-cn, same workload, same fake broker
+    base, pp = PP_VARIANTS
+    rows = {v: by.get(("connect-pp", v), []) for v in PP_VARIANTS}
+    if rows[base] and rows[pp]:
+        pp_sum: dict = {"variants": {}}
+        for v in PP_VARIANTS:
+            xs = [r["cpu_ms_per_conn"] for r in rows[v] if r.get("cpu_ms_per_conn") is not None]
+            rs = [r["conns_per_s"] for r in rows[v] if r.get("conns_per_s") is not None]
+            pp_sum["variants"][v] = {"cpu_ms_per_conn": median(xs), "cpu_min": min(xs), "cpu_max": max(xs),
+                                     "conns_per_s": median(rs), "n": len(xs)}
+        m0 = pp_sum["variants"][base]["cpu_ms_per_conn"]
+        m1 = pp_sum["variants"][pp]["cpu_ms_per_conn"]
+        pp_sum["cpu_diff_pct"] = (m1 / m0 - 1) * 100 if m0 else None  # ratio of the medians
+        paired = []
+        for r1 in rows[pp]:
+            r0 = next((r for r in rows[base] if r["round"] == r1["round"]), None)
+            if r0 and r0.get("cpu_ms_per_conn") and r1.get("cpu_ms_per_conn") is not None:
+                paired.append((r1["cpu_ms_per_conn"] / r0["cpu_ms_per_conn"] - 1) * 100)
+        pp_sum["cpu_diff_pct_per_round"] = paired
+        pp_sum["cpu_diff_pct_paired_median"] = median(paired)
+        hdr_bytes = [r.get("pp_v2_header_bytes") for r in rows[pp] if r.get("pp_v2_header_bytes")]
+        pp_sum["pp_v2_header_bytes"] = median(hdr_bytes)
+        pp_sum["target"] = "< 2 %"
+        pp_sum["meets_target"] = pp_sum["cpu_diff_pct"] is not None and pp_sum["cpu_diff_pct"] < 2.0
+        summary["connect-pp"] = pp_sum
     return summary
 
 
@@ -977,6 +1016,24 @@ def print_table(out: dict, summary: dict) -> None:
             print(f"{s['label'] + ' [µs]':<{w0}}" + "".join(cells))
     print()
     print("(x) = ratio to the best peer (the better of HAProxy / nginx) for that figure; medians over rounds.")
+    if summary.get("connect.cpu_ms_per_conn", {}).get("median"):
+        print("connect rows: (x) = ratio to HAProxy (the only peer doing the same job: verify required + ClientId == CN);"
+              "\n  nginx there is a plain mTLS reference (no MQTT parsing, no ClientId check), not the same job.")
+    pp = summary.get("connect-pp")
+    if pp:
+        base, ppv = PP_VARIANTS
+        v0, v1 = pp["variants"][base], pp["variants"][ppv]
+        print("\nconnect-pp (fastproxy alone, upstream = fake broker that skips PROXY headers; medians over rounds)")
+        print(f"{'variant':<28}{'CPU [ms/conn]':>16}{'min..max':>18}{'conn/s':>10}")
+        for name, v in ((base + " (no PROXY)", v0), (ppv, v1)):
+            rng = f"{v['cpu_min']:.3f}..{v['cpu_max']:.3f}"
+            print(f"{name:<28}{v['cpu_ms_per_conn']:>16.3f}{rng:>18}{v['conns_per_s']:>10,.0f}")
+        per_round = ", ".join(f"{x:+.1f}" for x in pp["cpu_diff_pct_per_round"])
+        verdict = "PASS" if pp["meets_target"] else "FAIL"
+        print(f"v2-ssl-cn CPU difference per connection: {pp['cpu_diff_pct']:+.2f} % (ratio of medians; "
+              f"per round: {per_round} %)  target {pp['target']}  {verdict}")
+        if pp.get("pp_v2_header_bytes"):
+            print(f"PROXY v2 header size seen by the fake broker: {pp['pp_v2_header_bytes']:.0f} bytes")
     warnings = [r for r in out["results"] if r.get("warning") or r.get("error")]
     if warnings:
         print("\nwarnings / errors:")
@@ -1000,7 +1057,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-seconds", type=float, help="seconds per latency run (default 5; --quick 2)")
     p.add_argument("--latency-rate", type=float, default=1000, help="messages/s in the latency run (default 1000)")
     p.add_argument("--only", default=",".join(PROXIES), help="comma list of: " + ",".join(PROXIES))
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of: " + ",".join(SCENARIOS))
+    p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+                   help="comma list of: " + ",".join(SCENARIOS) + " (default: " + ",".join(DEFAULT_SCENARIOS) + ")")
+    p.add_argument("--connect-conns", type=int,
+                   help="connections per proxy per round in connect/connect-pp (default 3000; --quick 300)")
+    p.add_argument("--connect-procs", type=int, default=4, help="client processes in connect/connect-pp (default 4)")
     p.add_argument("--json", metavar="FILE", help="write all raw results and the summary as JSON")
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run")
     p.add_argument("--no-direct", dest="direct", action="store_false",
@@ -1023,7 +1084,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     q = a.quick
     for name, full, quick in (("rounds", 3, 1), ("messages", 200_000, 20_000), ("bulk_mb", 1024, 128),
-                              ("idle_conns", 5000, 500), ("latency_seconds", 5.0, 2.0)):
+                              ("idle_conns", 5000, 500), ("latency_seconds", 5.0, 2.0),
+                              ("connect_conns", 3000, 300)):
         if getattr(a, name) is None:
             setattr(a, name, quick if q else full)
     a.only = [x.strip() for x in a.only.split(",") if x.strip()]
@@ -1034,7 +1096,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for x in a.scenarios:
         if x not in SCENARIOS:
             p.error(f"--scenarios: unknown scenario {x!r} (choose from {', '.join(SCENARIOS)})")
-    if a.rounds < 1 or a.messages < 1 or a.bulk_mb < 1 or a.idle_conns < 1:
+    if a.rounds < 1 or a.messages < 1 or a.bulk_mb < 1 or a.idle_conns < 1 or a.connect_conns < 1:
         p.error("--rounds, --messages, --bulk-mb and --idle-conns must be positive")
     return a
 

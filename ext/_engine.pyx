@@ -1302,6 +1302,10 @@ cdef class Engine:
             self._pipe_put(d)
         if src.eof and d.end == d.start and d.pipe_bytes == 0:
             side_shutdown_write(dst)
+            # One side is done (MQTT has no use for half-open sessions): like HAProxy's
+            # `timeout client-fin`, the other side gets a short grace, not the idle timeout.
+            if c.idle_ms == 0 or c.idle_ms > HALF_CLOSED_TIMEOUT_MS:
+                c.idle_ms = HALF_CLOSED_TIMEOUT_MS
         return 0
 
     cdef int _read_in(self, Conn* c, Side* src, Dir* d, bint c2u) noexcept nogil:
@@ -1471,7 +1475,8 @@ cdef class Engine:
             if c.state == ST_RELAY:
                 idle = c.idle_ms
                 if idle > 0 and self.now - c.active_ms >= idle:
-                    self._end(c, R_IDLE_TIMEOUT, 0)
+                    # A session already half-closed ended normally; its peer just never closed.
+                    self._end(c, R_OK if (c.cl.shut_wr or c.up.shut_wr) else R_IDLE_TIMEOUT, 0)
                 elif (c.cl.ssl != NULL and not c.tls_bufs_freed
                       and self.now - c.active_ms >= TLS_IDLE_FREE_MS):
                     # Quiet sessions give OpenSSL's ~34 KiB of record buffers back; busy ones

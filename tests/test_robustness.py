@@ -532,3 +532,22 @@ def test_upstream_not_reading_memory_bounded(certs, start_proxy, tls):
         s.close()
     finally:
         up.close()
+
+
+def test_half_closed_session_ends_after_grace(mosquitto, start_proxy):
+    """A client that sends DISCONNECT but never closes its socket: the broker closes, the proxy
+    passes the FIN on, and ends the session after the half-closed grace (5 s), not the 60 s idle
+    timeout; it is logged as an ordinary end (200 ok)."""
+    fp = start_proxy(mosquitto, tls=False)
+    s = U.open_socket(fp.port)
+    try:
+        assert U.mqtt_handshake(s, "half-open") == 0
+        s.sendall(b"\xe0\x00")  # DISCONNECT; the socket stays open
+        t0 = time.monotonic()
+        assert s.recv(10) == b""  # FIN relayed from the broker's close
+        entries = fp.wait_access(lambda e: True, n=1, timeout=15)
+        waited = time.monotonic() - t0
+        assert 3.0 <= waited <= 12.0, waited
+        assert entries[0].status == 200 and entries[0].reason == "ok", entries[0].raw
+    finally:
+        s.close()

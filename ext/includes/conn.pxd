@@ -16,6 +16,7 @@ cdef enum:
     ACCEPT_PAUSE_MS = 1000     # after EMFILE/ENFILE
     TLS_IDLE_FREE_MS = 1000    # give OpenSSL's record buffers back after this much quiet
     LINGER_MS = 2000           # how long a refused client may keep sending before we close
+    HALF_CLOSED_TIMEOUT_MS = 5000   # a session with one side finished ends after this much quiet
     TRIM_AFTER_FREES = 64      # malloc_trim once this many sessions released buffers...
     TRIM_INTERVAL_MS = 5000    # ...at most this often
 
