@@ -24,7 +24,7 @@ _VALUE_FLAGS: list[tuple[str, str, str]] = [
     ("tls_ciphersuites", "LIST", "TLS 1.3 cipher suites (default: OpenSSL's)"),
     ("client_ca", "FILE|DIR", "CA certificate(s) that sign client certificates (enables mutual TLS)"),
     ("verify", "MODE", "client certificates: required (default with --client-ca), optional or none"),
-    ("verify_depth", "N", "maximum client certificate chain depth (default 1)"),
+    ("verify_depth", "N", "intermediate CAs allowed between a client certificate and its trusted CA (OpenSSL's depth; default 1)"),
     ("crl", "FILE", "certificate revocation list (PEM) checked for client certificates"),
     ("mqtt", "on|off", "read and check each client's MQTT CONNECT before connecting upstream (default on)"),
     ("connect_timeout", "DUR", "the client's MQTT CONNECT must arrive within this (default 5s)"),

@@ -151,7 +151,7 @@ _LISTENER_KEYS: dict[str, str] = {
     "tls_ciphersuites": "str",
     "client_ca": "path",
     "verify": "verify",
-    "verify_depth": "posint",
+    "verify_depth": "count",
     "crl": "file",
     "upstream_connect_timeout": "duration",
     "handshake_timeout": "duration",
@@ -321,6 +321,12 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
             return value
         if kind == "duration":
             return parse_duration(value)
+        if kind == "count":
+            if isinstance(value, str) and value.isdigit():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or not (0 <= value <= 100):
+                raise ValueError(f"expected a number 0-100, got {value!r}")
+            return value
         if kind == "posint":
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 if isinstance(value, str) and value.isdigit() and int(value) > 0:
