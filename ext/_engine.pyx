@@ -709,22 +709,21 @@ cdef class Engine:
         """Start the client side: TLS handshake, or straight to the CONNECT / upstream."""
         cdef Listener* l = &self.listeners[c.listener]
         cdef BIO* bio
-        if True:
-            if l.ssl_ctx != NULL:
-                c.cl.ssl = SSL_new(l.ssl_ctx)
-                bio = BIO_new(SIDE_BIO) if c.cl.ssl != NULL else NULL
-                if bio == NULL:
-                    ERR_clear_error()
-                    self._end(c, R_INTERNAL, ENOMEM)
-                    return
-                BIO_set_data(bio, &c.cl)
-                SSL_set_bio(c.cl.ssl, bio, bio)
-                SSL_set_accept_state(c.cl.ssl)
-                c.state = ST_HANDSHAKE
-                c.deadline_ms = self.now + l.handshake_timeout_ms if l.handshake_timeout_ms > 0 else 0
-                self._handshake(c)
-            else:
-                self._client_ready(c)
+        if l.ssl_ctx == NULL:
+            self._client_ready(c)
+            return
+        c.cl.ssl = SSL_new(l.ssl_ctx)
+        bio = BIO_new(SIDE_BIO) if c.cl.ssl != NULL else NULL
+        if bio == NULL:
+            ERR_clear_error()
+            self._end(c, R_INTERNAL, ENOMEM)
+            return
+        BIO_set_data(bio, &c.cl)
+        SSL_set_bio(c.cl.ssl, bio, bio)
+        SSL_set_accept_state(c.cl.ssl)
+        c.state = ST_HANDSHAKE
+        c.deadline_ms = self.now + l.handshake_timeout_ms if l.handshake_timeout_ms > 0 else 0
+        self._handshake(c)
 
     cdef void _pause_listeners(self, int64_t ms) noexcept nogil:
         cdef int i
@@ -1024,7 +1023,8 @@ cdef class Engine:
                 memcpy(b + n, d.buf + d.start + mc.packet_len, rest)
                 self._dir_release(d)
                 d.buf = b
-                d.cap = <uint32_t>cap       # != RELAY_BUF: freed, not pooled
+                d.cap = <uint32_t>cap
+                d.own_buf = 1               # freed, not pooled
                 d.start = 0
                 d.end = <uint32_t>(n + rest)
                 if c.client_id != NULL:
@@ -1224,7 +1224,8 @@ cdef class Engine:
             memcpy(b + n, d.buf + d.start, have)
             self._dir_release(d)
             d.buf = b
-            d.cap = have + <uint32_t>n     # != RELAY_BUF: freed after use
+            d.cap = have + <uint32_t>n
+            d.own_buf = 1                  # freed after use, not pooled
             d.start = 0
             d.end = have + <uint32_t>n
             memcpy(d.buf, hdr, n)
@@ -1407,17 +1408,19 @@ cdef class Engine:
         if d.buf == NULL:
             return False
         d.cap = RELAY_BUF
+        d.own_buf = 0
         d.start = d.end = 0
         return True
 
     cdef void _dir_release(self, Dir* d) noexcept nogil:
         if d.buf != NULL:
-            if d.cap == RELAY_BUF:
-                pool_put(&self.pool, d.buf)
+            if d.own_buf:
+                free(d.buf)     # a large CONNECT's (or a rewritten one's) own buffer
             else:
-                free(d.buf)     # a large CONNECT's own buffer
+                pool_put(&self.pool, d.buf)
             d.buf = NULL
         d.cap = 0
+        d.own_buf = 0
         d.start = d.end = 0
 
     cdef bint _dir_grow(self, Dir* d, uint32_t cap) noexcept nogil:
@@ -1427,12 +1430,13 @@ cdef class Engine:
         memcpy(b, d.buf + d.start, d.end - d.start)
         d.end -= d.start
         d.start = 0
-        if d.cap == RELAY_BUF:
-            pool_put(&self.pool, d.buf)
-        else:
+        if d.own_buf:
             free(d.buf)
+        else:
+            pool_put(&self.pool, d.buf)
         d.buf = b
         d.cap = cap
+        d.own_buf = 1
         return True
 
     cdef bint _pipe_get(self, Dir* d) noexcept nogil:

@@ -106,10 +106,12 @@ cdef struct Side:
 
 cdef struct Dir:
     # Bytes read from one side not yet written to the other: either in a pooled buffer
-    # (TLS on a side) or in a pooled pipe (splice, plain on both sides). cap is RELAY_BUF for
-    # pooled buffers; a CONNECT larger than that gets a buffer of its own, freed after use.
+    # (TLS on a side) or in a pooled pipe (splice, plain on both sides). A CONNECT larger than
+    # RELAY_BUF (or one rewritten, or prefixed with a PROXY header that does not fit) gets a
+    # buffer of its own (own_buf), freed after use rather than pooled.
     char* buf
     uint32_t cap
+    uint8_t own_buf
     uint32_t start
     uint32_t end
     int pipe_r
