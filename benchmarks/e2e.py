@@ -1120,6 +1120,16 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         log(f"error: {e}")
         return 1
+    if "fastproxy" in a.only and not a.fastproxy_cmd:
+        # the in-place build can change under a long run (another job rebuilding the engine): then
+        # fastproxy processes started before and after the rebuild measured different code
+        after = _fastproxy_build(a.fastproxy_cmd)["modules_mtime"]
+        if after != env["fastproxy"]["modules_mtime"]:
+            changed = {k: f"{env['fastproxy']['modules_mtime'].get(k)} -> {v}" for k, v in after.items()
+                       if env["fastproxy"]["modules_mtime"].get(k) != v}
+            out["notes"].append(f"fastproxy's compiled modules changed during the run ({changed}): "
+                                "rounds before and after measured different builds")
+            env["fastproxy"]["modules_mtime_at_end"] = after
     summary = summarize(out)
     print_table(out, summary)
     if a.json:
