@@ -15,7 +15,7 @@ from libc.stdlib cimport malloc, calloc, free
 
 cdef extern from "malloc.h" nogil:
     int malloc_trim(size_t pad)
-from libc.string cimport memset, memcpy, memmove, strlen
+from libc.string cimport memset, memcpy, memmove, memcmp, strlen
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from cpython.exc cimport PyErr_CheckSignals
@@ -436,7 +436,7 @@ cdef class Engine:
                      unsigned int max_connect_size=65536, int proxy_protocol=0,
                      bint proxy_protocol_crc32c=False, unsigned int proxy_protocol_max_len=500,
                      unsigned int proxy_protocol_want=0, bint accept_proxy_protocol=False,
-                     trusted_proxies=()):
+                     trusted_proxies=(), unsigned int identity=0):
         """Take ownership of a bound, listening socket fd; returns the listener index.
         tls: a fastproxy._tls.TLSContext or None for plain TCP. Timeouts in seconds (0 = none).
         mqtt: read and check the CONNECT first (within mqtt_connect_timeout, at most
@@ -447,7 +447,8 @@ cdef class Engine:
         _KEY_ALG, _SIG_ALG, _CIPHER bits). The header goes first, in the same write as the
         CONNECT, and never longer than proxy_protocol_max_len. accept_proxy_protocol: clients
         must start with a PROXY v1/v2 header (within handshake_timeout) and come from one of
-        trusted_proxies, a sequence of (family, packed network address, prefix length)."""
+        trusted_proxies, a sequence of (family, packed network address, prefix length).
+        identity: ID_CLIENTID_CN | ID_USERNAME_CN, checked in C right after the CONNECT."""
         cdef Listener* l
         cdef epoll_event ev
         if self.n_listeners >= MAX_LISTENERS:
@@ -467,6 +468,9 @@ cdef class Engine:
         l.idle_timeout_ms = <int64_t>(idle_timeout * 1000)
         l.mqtt = mqtt or policy or idle_keepalive
         l.policy = policy
+        l.identity = identity
+        if identity:
+            l.mqtt = 1
         l.idle_keepalive = idle_keepalive
         l.mqtt_connect_timeout_ms = <int64_t>(mqtt_connect_timeout * 1000)
         l.max_connect_size = max_connect_size if max_connect_size >= 16 else 16
@@ -965,10 +969,57 @@ cdef class Engine:
             # MQTT: the server may close after 1.5 keepalive periods without a packet; a
             # keepalive of 0 turns the mechanism off, and so the idle timeout.
             c.idle_ms = <int64_t>mc.keepalive * 1500
+        cdef int rc5, code
+        if l.identity:
+            rc5 = self._identity_check(c, mc, l.identity)
+            if rc5:
+                code = mqtt_connack_code(c.mqtt_level, <uint8_t>rc5)
+                c.refuse_code = <uint8_t>rc5
+                self._refuse(c, c.mqtt_level if code >= 0 else 0, code, R_DENIED)
+                return
         if l.policy:
             if self._ask_policy(c, mc) < 0:
                 return
         self._connect_upstream(c)
+
+    cdef int _identity_check(self, Conn* c, mqtt_connect* mc, unsigned checks) noexcept nogil:
+        """The built-in identity rules, in C so they cost no Python call: ClientId and/or
+        username must equal the verified client certificate's CN, byte for byte. Returns 0, or
+        the MQTT 5 reason code of the refusal (c.detail_static says why)."""
+        cdef X509* cert
+        cdef X509_NAME* name
+        cdef unsigned char* cn = NULL
+        cdef int i = -1, last = -1, n = -1, rc = 0
+        if c.cl.ssl == NULL or SSL_get_verify_result(c.cl.ssl) != X509_V_OK:
+            c.detail_static = b"no verified client certificate"
+            return 0x87
+        cert = SSL_get1_peer_certificate(c.cl.ssl)
+        if cert == NULL:
+            c.detail_static = b"no verified client certificate"
+            return 0x87
+        name = X509_get_subject_name(cert)
+        while True:     # the last CN, as the access log and policy see it
+            i = X509_NAME_get_index_by_NID(name, NID_commonName, i)
+            if i < 0:
+                break
+            last = i
+        if last >= 0:
+            n = ASN1_STRING_to_UTF8(&cn, X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, last)))
+        X509_free(cert)
+        if n < 0:
+            ERR_clear_error()
+            c.detail_static = b"no verified client certificate"
+            return 0x87
+        if (checks & ID_CLIENTID_CN) and (mc.client_id.len != <uint32_t>n
+                                           or memcmp(mc.client_id.ptr, cn, n) != 0):
+            c.detail_static = b"ClientId does not match certificate CN"
+            rc = 0x85
+        elif (checks & ID_USERNAME_CN) and (mc.username.ptr == NULL or mc.username.len != <uint32_t>n
+                                             or memcmp(mc.username.ptr, cn, n) != 0):
+            c.detail_static = b"username does not match certificate CN"
+            rc = 0x87
+        OPENSSL_free(cn)
+        return rc
 
     cdef void _refuse(self, Conn* c, int level, int code, int reason) noexcept nogil:
         """Answer with CONNACK(code) in the client's protocol level (none when level is 0),
@@ -1662,7 +1713,7 @@ cdef class Engine:
             detail = _os.strerror(c.err)
         client_id = c.client_id[:c.client_id_len].decode("utf-8", "replace") if c.client_id != NULL else None
         return (c.listener, host.decode(), port, protocol, c.reason, c.bytes_out, c.bytes_in,
-                c.t_wall, fp_mono_time() - c.t_mono, detail, self._peer_cn(c), client_id)
+                c.t_wall, fp_mono_time() - c.t_mono, detail, self._peer_cn(c), client_id, c.refuse_code)
 
     cdef object _peer_cn(self, Conn* c):
         # Read at the end of the session from the SSL object, so a connection stores nothing.
@@ -1700,3 +1751,7 @@ cdef class Engine:
 
 def openssl_version():
     return OpenSSL_version(OPENSSL_VERSION).decode()
+
+
+IDENTITY_CLIENTID_CN = ID_CLIENTID_CN
+IDENTITY_USERNAME_CN = ID_USERNAME_CN

@@ -1,5 +1,5 @@
 """Typed interface of the compiled engine (ext/_engine.pyx)."""
-from typing import Callable
+from typing import Callable, Sequence
 
 from ._tls import TLSContext
 
@@ -7,11 +7,19 @@ from ._tls import TLSContext
 REASONS: tuple[tuple[str, int], ...]
 
 # listener, addr, port, protocol, reason index, bytes_sent, bytes_received, start_wall, duration,
-# detail, client certificate CN
-Record = tuple[int, str, int, str, int, int, int, float, float, str | None, str | None]
+# detail, verified client certificate CN, MQTT ClientId, MQTT 5 reason code of an engine refusal (0: none)
+Record = tuple[int, str, int, str, int, int, int, float, float, str | None, str | None, str | None, int]
+IDENTITY_CLIENTID_CN: int
+IDENTITY_USERNAME_CN: int
 
 class Engine:
-    def __init__(self, *, on_close: Callable[[Record], None] | None = ..., max_connections: int = ...) -> None: ...
+    def __init__(
+        self,
+        *,
+        on_close: Callable[[Record], None] | None = ...,
+        on_connect: Callable[[tuple], tuple[int, int, int | None, bytes | None]] | None = ...,
+        max_connections: int = ...,
+    ) -> None: ...
     @property
     def wakeup_fd(self) -> int: ...
     def add_upstream(self, family: int, host_or_path: str, port: int = ...) -> int: ...
@@ -24,6 +32,18 @@ class Engine:
         handshake_timeout: float = ...,
         connect_timeout: float = ...,
         idle_timeout: float = ...,
+        mqtt: bool = ...,
+        idle_keepalive: bool = ...,
+        policy: bool = ...,
+        mqtt_connect_timeout: float = ...,
+        max_connect_size: int = ...,
+        proxy_protocol: int = ...,
+        proxy_protocol_crc32c: bool = ...,
+        proxy_protocol_max_len: int = ...,
+        proxy_protocol_want: int = ...,
+        accept_proxy_protocol: bool = ...,
+        trusted_proxies: Sequence[tuple[int, bytes, int]] = ...,
+        identity: int = ...,
     ) -> int: ...
     def stats(self) -> dict[str, int]: ...
     def stop(self, drain_timeout: float = ...) -> None: ...

@@ -119,7 +119,44 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _loaded_libssl() -> str | None:
+    """Path of the libssl mapped into this process (after the compiled modules loaded), if any."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                path = parts[5].strip() if len(parts) == 6 else ""
+                if "/libssl" in path and ".so" in path:
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _platform_tag() -> str:
+    """The wheel tag this install came from (its WHEEL file), else the interpreter's platform."""
+    import sysconfig
+
+    try:
+        from importlib.metadata import distribution
+
+        import os
+
+        dist = distribution("fastproxy")
+        here = os.path.dirname(os.path.abspath(__file__))
+        if os.path.realpath(str(dist.locate_file("fastproxy"))) != os.path.realpath(here):
+            raise LookupError("this fastproxy is not the installed distribution")
+        wheel = dist.read_text("WHEEL") or ""
+        tags = [ln.split(":", 1)[1].strip() for ln in wheel.splitlines() if ln.startswith("Tag:")]
+        if tags:
+            return ", ".join(tags) + " (wheel)"
+    except Exception:  # noqa: BLE001 - not installed from a wheel (source tree, editable)
+        pass
+    return sysconfig.get_platform().replace("-", "_").replace(".", "_") + " (built from source)"
+
+
 def _cmd_version() -> int:
+    import os
     import platform
 
     from .tls import openssl_version
@@ -130,9 +167,21 @@ def _cmd_version() -> int:
         engine = "compiled engine loaded (fastproxy._engine)"
     except ImportError as e:  # pragma: no cover - only on a broken install
         engine = f"compiled engine NOT loaded: {e}"
+    try:
+        ssl_version = openssl_version()  # what the extension's libssl reports at run time
+    except ImportError as e:  # pragma: no cover - only on a broken install
+        ssl_version = f"unknown (fastproxy._tls not loaded: {e})"
+    lib = _loaded_libssl()
+    if lib is None:
+        origin = "libssl not found in the process map"
+    elif os.path.basename(os.path.dirname(lib)).startswith("fastproxy") and os.path.dirname(lib).endswith(".libs"):
+        origin = f"vendored in the wheel: {lib}"
+    else:
+        origin = f"system library: {lib}"
     print(f"fastproxy {__version__}")
     print(f"Python {platform.python_version()} ({platform.python_implementation()}, {platform.machine()})")
-    print(f"OpenSSL {openssl_version()}")
+    print(f"Platform tag: {_platform_tag()}")
+    print(f"OpenSSL {ssl_version} ({origin})")
     print(engine)
     return 0
 

@@ -18,10 +18,12 @@ SERVER = "fastproxy.server"
 TLS = "fastproxy.tls"
 UPSTREAM = "fastproxy.upstream"
 WORKER = "fastproxy.worker"
+POLICY = "fastproxy.policy"
 
 server_log = logging.getLogger(SERVER)
 tls_log = logging.getLogger(TLS)
 upstream_log = logging.getLogger(UPSTREAM)
+policy_log = logging.getLogger(POLICY)
 
 
 def setup_error_log(target: str, level: str) -> None:

@@ -27,7 +27,7 @@ from .config import ListenerConfig
 from .errors import ConfigError
 from .mqtt import ConnectInfo, ReasonCode, parse_connect
 
-log = logging.getLogger("fastproxy.policy")
+from .log import policy_log as log
 
 # MQTT 3.x return codes -> the MQTT 5.0 reason code of the same meaning.
 _V3_TO_V5 = {0x01: 0x84, 0x02: 0x85, 0x03: 0x88, 0x04: 0x86, 0x05: 0x87}
@@ -148,11 +148,13 @@ class ConnectGate:
         hook: PolicyHook | None,
         upstreams: Mapping[str, int],
         counters: Counter,
+        cn_checks_done: bool = False,
     ) -> None:
         self.lc = lc
         self.hook = hook
         self.upstreams = upstreams
         self.counters = counters
+        self.cn_checks_done = cn_checks_done  # the engine already applied require_*_cn
 
     def __call__(self, rec: tuple) -> tuple[int, int, int | None, bytes | None]:
         _, host, port, pkt, der, verified = rec
@@ -196,12 +198,12 @@ class ConnectGate:
         if lc.clientid_from_cn and info.client_id == "" and identity:
             rewrite = identity  # EMQX's peer_cert_as_clientid
         client_id = rewrite if rewrite is not None else info.client_id
-        if lc.require_clientid_cn:
+        if lc.require_clientid_cn and not self.cn_checks_done:
             if identity is None:
                 return Deny(ReasonCode.NOT_AUTHORIZED, "no verified client certificate")
             if client_id != identity:
                 return Deny(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, "ClientId does not match certificate CN")
-        if lc.require_username_cn:
+        if lc.require_username_cn and not self.cn_checks_done:
             if identity is None:
                 return Deny(ReasonCode.NOT_AUTHORIZED, "no verified client certificate")
             if info.username != identity:
@@ -259,12 +261,22 @@ def _with_client_id(info: ConnectInfo, client_id: str) -> ConnectInfo:
     return replace(info, client_id=client_id)
 
 
+def engine_identity_checks(lc: ListenerConfig) -> tuple[bool, bool]:
+    """Which of require_clientid_cn / require_username_cn the engine checks itself (in C, no
+    Python call per connection). With clientid_from_cn the ClientId is only known after the
+    rewrite, so Python keeps them."""
+    if lc.clientid_from_cn:
+        return (False, False)
+    return (lc.require_clientid_cn, lc.require_username_cn)
+
+
 def needs_gate(lc: ListenerConfig, hook: PolicyHook | None) -> bool:
+    """Whether a connection on this listener must be decided in Python."""
+    in_c = any(engine_identity_checks(lc))
     return bool(
         hook is not None
         or lc.policy
-        or lc.require_clientid_cn
-        or lc.require_username_cn
         or lc.clientid_template
         or lc.clientid_from_cn
+        or ((lc.require_clientid_cn or lc.require_username_cn) and not in_c)
     )

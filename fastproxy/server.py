@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 from .config import Address, Config, ListenerConfig, key_path
 from .errors import ConfigError, EngineNotBuiltError
-from .log import AccessLog, server_log, setup_error_log, tls_log, upstream_log
-from .policy import ConnectGate, PolicyHook, load_hook, needs_gate
+from .log import AccessLog, policy_log, server_log, setup_error_log, tls_log, upstream_log
+from .policy import ConnectGate, PolicyHook, engine_identity_checks, load_hook, needs_gate
 from .tls import build_context
 
 try:
@@ -150,7 +150,13 @@ class Proxy:
                 ctx = build_context(lc, source=config.source, index=i, n_listeners=len(config.listeners))
                 up = self._add_upstream(lc.upstream)
                 hook = load_hook(lc.policy, source=config.source, key=_key(config, i, "policy")) if lc.policy else policy
-                gate = ConnectGate(lc, hook=hook, upstreams=named, counters=self.refusals) if needs_gate(lc, hook) else None
+                cid_cn, user_cn = engine_identity_checks(lc)
+                identity = (eng.IDENTITY_CLIENTID_CN if cid_cn else 0) | (eng.IDENTITY_USERNAME_CN if user_cn else 0)
+                gate = (
+                    ConnectGate(lc, hook=hook, upstreams=named, counters=self.refusals, cn_checks_done=bool(identity))
+                    if needs_gate(lc, hook)
+                    else None
+                )
                 bound = []
                 for addr in lc.listen:
                     s = bind_listener(addr, lc.backlog, reuseport=reuseport)
@@ -174,6 +180,7 @@ class Proxy:
                         proxy_protocol_want=lc.proxy_protocol_want,
                         accept_proxy_protocol=lc.accept_proxy_protocol,
                         trusted_proxies=_networks(lc.trusted_proxies),
+                        identity=identity,
                     )
                     self._listener_names.append(lc.name)
                     self._gates.append(gate)
@@ -198,7 +205,7 @@ class Proxy:
         return gate(rec)
 
     def _on_close(self, rec: tuple) -> None:
-        li, host, port, protocol, reason_i, sent, received, t0, duration, detail, cn, client_id = rec
+        li, host, port, protocol, reason_i, sent, received, t0, duration, detail, cn, client_id, refuse_code = rec
         reason, status = REASONS[reason_i]
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]
@@ -207,7 +214,14 @@ class Proxy:
                 self._access.format(host, protocol, status, sent, received, duration, reason, clientid=client_id,
                                     cn=cn, end_time=t0 + duration)
             )
-        if reason != "ok" and self._log_failures:
+        if refuse_code and detail:
+            # refused by the engine's own identity rules (the policy gate logs its own)
+            self.refusals[detail] += 1
+            policy_log.warning(
+                "%s: refused client %s:%d ClientId %r CN %r: %s (reason code 0x%02x)",
+                self._listener_names[li], host, port, client_id or "", cn, detail, refuse_code,
+            )
+        elif reason != "ok" and self._log_failures:
             name = self._listener_names[li]
             if reason in _UPSTREAM_FAILURES:
                 lc = self._listener_for(li)

@@ -76,6 +76,11 @@ cdef enum:
     PP_HEADER_MAX = 4096
     MAX_TRUSTED = 32               # trusted source networks per listener
 
+# Built-in identity checks (require_clientid_cn, require_username_cn), done in C.
+cdef enum:
+    ID_CLIENTID_CN = 1
+    ID_USERNAME_CN = 2
+
 # Results of one read or write on a side.
 cdef enum:
     IO_AGAIN = -1
@@ -133,6 +138,7 @@ cdef struct Conn:
     uint8_t use_splice
     uint8_t closed
     uint8_t reported        # record given to Python and counted (before a lingering close)
+    uint8_t refuse_code     # MQTT 5 reason code of a refusal decided in C, for the log
     uint8_t tls_bufs_freed  # OpenSSL's record buffers released while idle
     uint8_t mqtt_level      # protocol level of the CONNECT (3, 4, 5), 0 before it
     uint16_t keepalive
@@ -173,6 +179,7 @@ cdef struct Listener:
     uint8_t mqtt                    # read and check the CONNECT before connecting upstream
     uint8_t idle_keepalive          # idle timeout = 1.5 x the CONNECT's keepalive
     uint8_t policy                  # ask Python (on_connect) about each CONNECT
+    unsigned identity               # built-in CN checks done in C (ID_* bits)
     int64_t mqtt_connect_timeout_ms # the CONNECT must arrive within this
     uint32_t max_connect_size
     uint8_t pp_mode                 # PROXY header toward the upstream: PP_NONE .. PP_V2_SSL_CN
