@@ -436,3 +436,37 @@ def encode_connect(
     body += extra
     rl = len(body) if remaining_length is None else remaining_length
     return bytes([first_byte]) + varint(rl) + bytes(body)
+
+
+# ---------------------------------------------------------------------------- outcomes to compare
+# One shape for both parsers' results, so tests and fuzzers compare them with ==.
+
+
+def reference_outcome(data: bytes, max_size: int = 65536) -> tuple:
+    """This reference parser's result as ("need_more",) / ("invalid", ...) / ("valid", fields)."""
+    r = parse(data, max_size)
+    if r.status == "invalid":
+        return ("invalid", r.rc5, r.reason, r.offset, r.send_connack, r.connack_version,
+                r.reason_code, r.level)
+    if r.status == "need_more":
+        return ("need_more",)
+    return ("valid", r.fields)
+
+
+def compiled_outcome(data: bytes, max_size: int = 65536, parse_connect=None) -> tuple:
+    """The compiled parser's result in the shape of reference_outcome() (parse_connect: an
+    alternative entry point to fastproxy.mqtt.parse_connect, e.g. the fuzzers' exact-size one)."""
+    import dataclasses
+
+    from fastproxy import mqtt
+    from fastproxy.errors import MQTTProtocolError
+
+    try:
+        info = (parse_connect or mqtt.parse_connect)(data, max_size)
+    except MQTTProtocolError as e:
+        return ("invalid", e.v5_reason_code, e.reason, e.offset, e.send_connack,
+                e.connack_version if e.send_connack else None,
+                e.reason_code if e.send_connack else None, e.version)
+    if info is None:
+        return ("need_more",)
+    return ("valid", dataclasses.asdict(info))

@@ -29,26 +29,8 @@ SETTINGS = settings(max_examples=400, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def outcome(data, max_size=65536):
-    try:
-        info = mqtt.parse_connect(data, max_size)
-    except MQTTProtocolError as e:
-        return ("invalid", e.v5_reason_code, e.reason, e.offset, e.send_connack,
-                e.connack_version if e.send_connack else None,
-                e.reason_code if e.send_connack else None, e.version)
-    if info is None:
-        return ("need_more",)
-    return ("valid", dataclasses.asdict(info))
-
-
-def reference_outcome(data, max_size=65536):
-    r = ref.parse(data, max_size)
-    if r.status == "invalid":
-        return ("invalid", r.rc5, r.reason, r.offset, r.send_connack, r.connack_version,
-                r.reason_code, r.level)
-    if r.status == "need_more":
-        return ("need_more",)
-    return ("valid", r.fields)
+outcome = ref.compiled_outcome
+reference_outcome = ref.reference_outcome
 
 
 # ----------------------------------------------------------------------------- strategies

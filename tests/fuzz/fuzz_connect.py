@@ -103,14 +103,7 @@ def c_outcome(data: bytes, max_size: int):
     return ("valid", dataclasses.asdict(info)), info
 
 
-def ref_outcome(data: bytes, max_size: int):
-    r = ref.parse(data, max_size)
-    if r.status == "invalid":
-        return ("invalid", r.rc5, r.reason, r.offset, r.send_connack, r.connack_version,
-                r.reason_code, r.level)
-    if r.status == "need_more":
-        return ("need_more",)
-    return ("valid", r.fields)
+ref_outcome = ref.reference_outcome
 
 
 CONNECT_PROPS = [0x11, 0x21, 0x27, 0x22, 0x19, 0x17, 0x26, 0x15, 0x16]
