@@ -225,8 +225,12 @@ class Proxy:
             name = self._listener_names[li]
             if reason in _UPSTREAM_FAILURES:
                 lc = self._listener_for(li)
-                upstream_log.warning(
-                    "%s: client %s:%d: %s %s%s", name, host, port, reason, lc.upstream, f" ({detail})" if detail else ""
+                # A broker resetting an established session is routine in MQTT (a session taken
+                # over by the same ClientId); failing to reach it is not.
+                level = logging.INFO if reason == "upstream-reset" else logging.WARNING
+                upstream_log.log(
+                    level, "%s: client %s:%d: %s %s%s", name, host, port, reason, lc.upstream,
+                    f" ({detail})" if detail else "",
                 )
             elif reason in _CLIENT_FAILURES:
                 tls_log.info("%s: client %s:%d: %s%s", name, host, port, reason, f": {detail}" if detail else "")
