@@ -986,28 +986,10 @@ cdef class Engine:
         """The built-in identity rules, in C so they cost no Python call: ClientId and/or
         username must equal the verified client certificate's CN, byte for byte. Returns 0, or
         the MQTT 5 reason code of the refusal (c.detail_static says why)."""
-        cdef X509* cert
-        cdef X509_NAME* name
         cdef unsigned char* cn = NULL
-        cdef int i = -1, last = -1, n = -1, rc = 0
-        if c.cl.ssl == NULL or SSL_get_verify_result(c.cl.ssl) != X509_V_OK:
-            c.detail_static = b"no verified client certificate"
-            return 0x87
-        cert = SSL_get1_peer_certificate(c.cl.ssl)
-        if cert == NULL:
-            c.detail_static = b"no verified client certificate"
-            return 0x87
-        name = X509_get_subject_name(cert)
-        while True:     # the last CN, as the access log and policy see it
-            i = X509_NAME_get_index_by_NID(name, NID_commonName, i)
-            if i < 0:
-                break
-            last = i
-        if last >= 0:
-            n = ASN1_STRING_to_UTF8(&cn, X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, last)))
-        X509_free(cert)
+        cdef int n, rc = 0
+        n = self._verified_cn(c, &cn)
         if n < 0:
-            ERR_clear_error()
             c.detail_static = b"no verified client certificate"
             return 0x87
         if (checks & ID_CLIENTID_CN) and (mc.client_id.len != <uint32_t>n
@@ -1020,6 +1002,33 @@ cdef class Engine:
             rc = 0x87
         OPENSSL_free(cn)
         return rc
+
+    cdef int _verified_cn(self, Conn* c, unsigned char** out) noexcept nogil:
+        """The last subject CN of the client certificate as UTF-8 in *out (OPENSSL_free it), or
+        -1 without a verified certificate or a CN. The one source of the CN for the identity
+        rules and the access log (policy's PeerCertificate.cn picks the same entry)."""
+        cdef X509* cert
+        cdef X509_NAME* name
+        cdef int i = -1, last = -1, n = -1
+        # Only a verified certificate is an identity: with `verify optional` a self-signed
+        # "thing001" completes the handshake but must not be logged (or trusted) as thing001.
+        if c.cl.ssl == NULL or not c.handshake_done or SSL_get_verify_result(c.cl.ssl) != X509_V_OK:
+            return -1
+        cert = SSL_get1_peer_certificate(c.cl.ssl)
+        if cert == NULL:
+            return -1
+        name = X509_get_subject_name(cert)
+        while True:
+            i = X509_NAME_get_index_by_NID(name, NID_commonName, i)
+            if i < 0:
+                break
+            last = i
+        if last >= 0:
+            n = ASN1_STRING_to_UTF8(out, X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, last)))
+        X509_free(cert)
+        if n < 0:
+            ERR_clear_error()
+        return n
 
     cdef void _refuse(self, Conn* c, int level, int code, int reason) noexcept nogil:
         """Answer with CONNACK(code) in the client's protocol level (none when level is 0),
@@ -1683,20 +1692,7 @@ cdef class Engine:
             self.fatal = True
 
     cdef object _record(self, Conn* c):
-        cdef char host[64]
-        cdef int port = 0
-        cdef sockaddr_in* a4
-        cdef sockaddr_in6* a6
         cdef char errbuf[160]
-        host[0] = 0
-        if c.peer.ss_family == AF_INET:
-            a4 = <sockaddr_in*>&c.peer
-            inet_ntop(AF_INET, &a4.sin_addr, host, sizeof(host))
-            port = ntohs(a4.sin_port)
-        elif c.peer.ss_family == AF_INET6:
-            a6 = <sockaddr_in6*>&c.peer
-            inet_ntop(AF_INET6, &a6.sin6_addr, host, sizeof(host))
-            port = ntohs(a6.sin6_port)
         if c.cl.ssl != NULL:
             protocol = SSL_get_version(c.cl.ssl).decode() if c.handshake_done else "TLS"
         else:
@@ -1712,28 +1708,19 @@ cdef class Engine:
         elif c.err:
             detail = _os.strerror(c.err)
         client_id = c.client_id[:c.client_id_len].decode("utf-8", "replace") if c.client_id != NULL else None
-        return (c.listener, host.decode(), port, protocol, c.reason, c.bytes_out, c.bytes_in,
+        return (c.listener, self._peer_host(c), self._peer_port(c), protocol, c.reason, c.bytes_out, c.bytes_in,
                 c.t_wall, fp_mono_time() - c.t_mono, detail, self._peer_cn(c), client_id, c.refuse_code)
 
     cdef object _peer_cn(self, Conn* c):
         # Read at the end of the session from the SSL object, so a connection stores nothing.
-        cdef X509* cert
-        cdef char buf[256]
-        cdef int n
-        if c.cl.ssl == NULL or not c.handshake_done:
-            return None
-        # Only a verified certificate is an identity: with `verify optional` a self-signed
-        # "thing001" completes the handshake but must not be logged (or trusted) as thing001.
-        if SSL_get_verify_result(c.cl.ssl) != X509_V_OK:
-            return None
-        cert = SSL_get1_peer_certificate(c.cl.ssl)
-        if cert == NULL:
-            return None
-        n = X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, buf, sizeof(buf))
-        X509_free(cert)
+        cdef unsigned char* cn = NULL
+        cdef int n = self._verified_cn(c, &cn)
         if n < 0:
             return None
-        return buf[:n].decode("utf-8", "replace")
+        try:
+            return cn[:n].decode("utf-8", "replace")
+        finally:
+            OPENSSL_free(cn)
 
     cdef void _check_signals(self) noexcept with gil:
         # Runs Python-level signal handlers (they may call stop()); KeyboardInterrupt from the
@@ -1747,10 +1734,6 @@ cdef class Engine:
     cdef void _set_os_error(self, int err) noexcept with gil:
         self.pending_exc = OSError(err, _os.strerror(err))
         self.fatal = True
-
-
-def openssl_version():
-    return OpenSSL_version(OPENSSL_VERSION).decode()
 
 
 IDENTITY_CLIENTID_CN = ID_CLIENTID_CN

@@ -16,7 +16,3 @@ TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
 LISTEN_BACKLOG = 4096
 MAX_CONNECTIONS = 100_000
-
-# Must match the compiled engine (ext/includes/consts.pxi): one relay buffer per direction,
-# taken from a pool only while bytes are in flight.
-RELAY_BUF_KIB = 16
