@@ -58,7 +58,7 @@ def ext(name: str, sources: list[str], ssl: bool = False) -> Extension:
         sources,
         include_dirs=include_dirs,
         library_dirs=library_dirs,
-        libraries=["ssl", "crypto"] if ssl else [],
+        libraries=(["ssl", "crypto"] if ssl else []) + ["m"],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
         define_macros=macros,

@@ -16,7 +16,7 @@ from libc.stdlib cimport malloc, calloc, free
 cdef extern from "malloc.h" nogil:
     int malloc_trim(size_t pad)
 from libc.string cimport memset, memcpy, memmove, memcmp, strlen
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
+from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from cpython.exc cimport PyErr_CheckSignals
 
@@ -25,6 +25,7 @@ from openssl cimport *
 from conn cimport *
 from mqtt cimport *
 from proxyproto cimport *
+from balance cimport *
 
 import os as _os
 
@@ -47,7 +48,12 @@ REASONS = (
     ("no-connect", 400),
     ("bad-proxy-header", 400),
     ("untrusted-proxy", 403),
+    ("no-server", 503),
+    ("upstream-down", 502),
+    ("no-source-port", 503),
 )
+# Names of the pool balance modes, in BAL_* order.
+BALANCE_MODES = ("clientid", "round-robin", "least-conn", "source")
 assert len(REASONS) == R_COUNT
 
 cdef int ONE = 1
@@ -297,6 +303,184 @@ cdef inline void _discard_input(int fd) noexcept nogil:
             return
 
 
+# ---------------------------------------------------------------------- choosing a server
+
+cdef inline uint64_t _addr_hash(sockaddr_storage* ss) noexcept nogil:
+    # The client's address without its port; an IPv4-mapped IPv6 address hashes as IPv4 so a
+    # dual-stack listener and a v4 one send the same client to the same server.
+    cdef const uint8_t* a
+    if ss.ss_family == AF_INET:
+        return fp_hash64(&(<sockaddr_in*>ss).sin_addr, 4)
+    if ss.ss_family == AF_INET6:
+        a = (<sockaddr_in6*>ss).sin6_addr.s6_addr
+        if memcmp(a, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0:
+            return fp_hash64(a + 12, 4)
+        return fp_hash64(a, 16)
+    return 0
+
+
+cdef int pick_server(Listener* l, Upstream* ups, Conn* c, int* why) noexcept nogil:
+    """The pool position of the server for c: not tried yet for this session, up, under its
+    maxconn; primaries first, backups only when no primary qualifies. -1 when none does, with
+    *why = 1 (none up) or 2 (those up are full). The hash modes rank servers per item, so a
+    retry (tried bit set) goes to the item's next-ranked server, and the item comes back to
+    its first choice once that is up again."""
+    cdef int k, i, best, backup_pass, mode = l.balance, n_up = 0
+    cdef Upstream* u
+    cdef Upstream* b
+    cdef uint64_t item = 0, draw, best_draw = 0
+    cdef double score, best_score = 0.0
+    cdef int64_t total
+    cdef uint32_t start = 0
+    if mode == BAL_CLIENTID:
+        if c.client_id_len == 0 or c.client_id == NULL:
+            mode = BAL_LEAST_CONN
+        else:
+            item = fp_hash64(c.client_id, c.client_id_len)
+    elif mode == BAL_SOURCE:
+        item = _addr_hash(&c.peer)
+    if mode == BAL_LEAST_CONN:
+        start = l.rr            # ties rotate instead of piling onto the first server
+        l.rr += 1
+    for backup_pass in range(2):
+        best = -1
+        total = 0
+        for k in range(l.n_pool):
+            i = <int>((start + <uint32_t>k) % <uint32_t>l.n_pool)
+            if c.tried & ((<uint64_t>1) << i):
+                continue
+            u = &ups[l.pool[i]]
+            if u.backup != backup_pass or not u.up:
+                continue
+            n_up += 1
+            if u.maxconn and u.sessions >= u.maxconn:
+                continue
+            if mode == BAL_CLIENTID or mode == BAL_SOURCE:
+                draw = fp_draw(item, u.key)
+                if l.equal_weights:
+                    if best < 0 or draw > best_draw:
+                        best = i
+                        best_draw = draw
+                else:
+                    score = fp_weighted_score(draw, u.weight)
+                    if best < 0 or score > best_score:
+                        best = i
+                        best_score = score
+            elif mode == BAL_LEAST_CONN:
+                if best < 0:
+                    best = i
+                else:
+                    b = &ups[l.pool[best]]
+                    if <uint64_t>u.sessions * b.weight < <uint64_t>b.sessions * u.weight:
+                        best = i
+            else:
+                # nginx's smooth weighted round-robin: weights 5,1,1 give a,a,b,a,c,a,a
+                l.wrr[i] += u.weight
+                total += u.weight
+                if best < 0 or l.wrr[i] > l.wrr[best]:
+                    best = i
+        if best >= 0:
+            if mode == BAL_ROUND_ROBIN:
+                l.wrr[best] -= total
+            return best
+    why[0] = 2 if n_up else 1
+    return -1
+
+
+def hash64(data: bytes) -> int:
+    """The balancer's 64-bit hash of ClientIds and server keys (stable everywhere)."""
+    return fp_hash64(<const char*>data, len(data))
+
+
+def pick_many(items, server_keys, *, weights=None, up=None, backup=None, int balance=BAL_CLIENTID):
+    """Run the engine's server choice for each item (a ClientId) over a pool described by
+    server_keys (the address texts), as a fresh listener would; returns the chosen positions
+    (-1: none). For tests, simulations and docs: the same C code the loop runs."""
+    cdef int n = len(server_keys), i, why = 0
+    cdef Listener* l
+    cdef Upstream* ups
+    cdef Conn* c
+    cdef bytes b
+    out = []
+    if not (0 < n <= MAX_POOL):
+        raise ValueError(f"1..{MAX_POOL} servers")
+    l = <Listener*>calloc(1, sizeof(Listener))
+    ups = <Upstream*>calloc(n, sizeof(Upstream))
+    c = <Conn*>calloc(1, sizeof(Conn))
+    try:
+        if l == NULL or ups == NULL or c == NULL:
+            raise MemoryError()
+        _fill_pool(l, ups, server_keys, weights, up, backup, balance)
+        for item in items:
+            b = item
+            memset(c, 0, sizeof(Conn))
+            c.client_id = <char*>b
+            c.client_id_len = <uint16_t>len(b)
+            out.append(pick_server(l, ups, c, &why))
+    finally:
+        free(l)
+        free(ups)
+        free(c)
+    return out
+
+
+cdef int _fill_pool(Listener* l, Upstream* ups, server_keys, weights, up, backup, int balance) except -1:
+    cdef int i
+    cdef bytes k
+    l.balance = <uint8_t>balance
+    l.n_pool = len(server_keys)
+    l.equal_weights = 1
+    for i in range(l.n_pool):
+        k = server_keys[i]
+        l.pool[i] = i
+        ups[i].key = fp_hash64(<const char*>k, len(k))
+        ups[i].weight = weights[i] if weights is not None else 1
+        ups[i].up = up[i] if up is not None else 1
+        ups[i].backup = backup[i] if backup is not None else 0
+        if ups[i].weight != ups[0].weight:
+            l.equal_weights = 0
+    return 0
+
+
+def bench_balancer(int balance, int n_servers, long n_iter, bint weighted=False):
+    """Nanoseconds per server choice, measured in C over n_iter distinct ClientIds."""
+    cdef Listener* l
+    cdef Upstream* ups
+    cdef Conn* c
+    cdef char idbuf[32]
+    cdef long i
+    cdef int why = 0, j
+    cdef double t0, t1
+    cdef int sink = 0
+    keys = [f"10.0.0.{i + 1}:1883".encode() for i in range(n_servers)]
+    weights = [1 + (i % 3) for i in range(n_servers)] if weighted else None
+    l = <Listener*>calloc(1, sizeof(Listener))
+    ups = <Upstream*>calloc(n_servers, sizeof(Upstream))
+    c = <Conn*>calloc(1, sizeof(Conn))
+    try:
+        if l == NULL or ups == NULL or c == NULL:
+            raise MemoryError()
+        _fill_pool(l, ups, keys, weights, None, None, balance)
+        memcpy(idbuf, b"device-000000000000", 19)
+        c.client_id = idbuf
+        c.client_id_len = 19
+        c.peer.ss_family = AF_INET
+        with nogil:
+            t0 = fp_mono_time()
+            for i in range(n_iter):
+                # a different 19-byte ClientId (and client address) each time
+                for j in range(12):
+                    idbuf[7 + j] = <char>(48 + (i >> (j * 2)) % 4)
+                (<sockaddr_in*>&c.peer).sin_addr.s_addr = <uint32_t>i
+                sink += pick_server(l, ups, c, &why)
+            t1 = fp_mono_time()
+    finally:
+        free(l)
+        free(ups)
+        free(c)
+    return (t1 - t0) * 1e9 / n_iter if n_iter else 0.0
+
+
 cdef class Engine:
     """One event loop over epoll; one per worker process (or thread)."""
 
@@ -327,6 +511,7 @@ cdef class Engine:
     cdef bint stopping
     cdef int64_t drain_deadline
     cdef bint fatal
+    cdef int kill_pending             # shutdown_sessions() asked; the loop reads Upstream.kill
     cdef object on_close
     cdef bint has_on_close
     cdef object on_connect
@@ -374,6 +559,7 @@ cdef class Engine:
         for i in range(self.n_listeners):
             if self.listeners[i].fd >= 0:
                 close(self.listeners[i].fd)
+            free(self.listeners[i].src)
         for i in range(self.pool.n):
             free(self.pool.bufs[i])
         for i in range(self.n_pipes):
@@ -392,18 +578,38 @@ cdef class Engine:
         """Write end of the wake pipe: fit for signal.set_wakeup_fd()."""
         return self.wake_w
 
-    def add_upstream(self, int family, str host_or_path, int port=0):
-        """Register a broker address; returns its index. family: AF_INET, AF_INET6 or AF_UNIX."""
+    def add_upstream(self, int family, str host_or_path, int port=0, *, int weight=1, bint backup=False,
+                     unsigned int maxconn=0, int proxy_protocol=-1, key=None):
+        """Register a broker address; returns its index. family: AF_INET, AF_INET6 or AF_UNIX.
+        weight (1-256), backup, maxconn (0: no limit) and proxy_protocol (-1: the listener's,
+        else 0..4 as add_listener's) matter when it is in a listener's pool. key: the text the
+        balancer hashes to rank this server (default: the address text), so proxies that list
+        the same servers send a ClientId to the same one."""
         cdef Upstream* u
+        cdef bytes kb
         cdef sockaddr_in* a4
         cdef sockaddr_in6* a6
         cdef sockaddr_un* au
         cdef bytes b = host_or_path.encode()
         if self.n_upstreams >= MAX_UPSTREAMS:
             raise ValueError("too many upstreams")
+        if not (1 <= weight <= 256):
+            raise ValueError("weight must be 1..256")
+        if not (-1 <= proxy_protocol <= PP_V2_SSL_CN):
+            raise ValueError("proxy_protocol must be -1..4")
+        if key is None:
+            key = f"unix:{host_or_path}" if family == AF_UNIX else (
+                f"[{host_or_path}]:{port}" if family == AF_INET6 else f"{host_or_path}:{port}")
+        kb = key.encode() if isinstance(key, str) else bytes(key)
         u = &self.upstreams[self.n_upstreams]
         memset(u, 0, sizeof(Upstream))
         u.family = family
+        u.key = fp_hash64(<const char*>kb, len(kb))
+        u.weight = <uint16_t>weight
+        u.backup = backup
+        u.maxconn = maxconn
+        u.pp_mode = <int8_t>proxy_protocol
+        u.up = 1
         if family == AF_INET:
             a4 = <sockaddr_in*>&u.addr
             a4.sin_family = AF_INET
@@ -430,13 +636,14 @@ cdef class Engine:
         self.n_upstreams += 1
         return self.n_upstreams - 1
 
-    def add_listener(self, int fd, int upstream, *, tls=None, double handshake_timeout=10.0,
+    def add_listener(self, int fd, upstream, *, tls=None, double handshake_timeout=10.0,
                      double connect_timeout=5.0, double idle_timeout=60.0, bint mqtt=False,
                      bint idle_keepalive=False, bint policy=False, double mqtt_connect_timeout=5.0,
                      unsigned int max_connect_size=65536, int proxy_protocol=0,
                      bint proxy_protocol_crc32c=False, unsigned int proxy_protocol_max_len=500,
                      unsigned int proxy_protocol_want=0, bint accept_proxy_protocol=False,
-                     trusted_proxies=(), unsigned int identity=0):
+                     trusted_proxies=(), unsigned int identity=0, int balance=BAL_CLIENTID,
+                     int retries=3, source_addresses=()):
         """Take ownership of a bound, listening socket fd; returns the listener index.
         tls: a fastproxy._tls.TLSContext or None for plain TCP. Timeouts in seconds (0 = none).
         mqtt: read and check the CONNECT first (within mqtt_connect_timeout, at most
@@ -448,17 +655,59 @@ cdef class Engine:
         CONNECT, and never longer than proxy_protocol_max_len. accept_proxy_protocol: clients
         must start with a PROXY v1/v2 header (within handshake_timeout) and come from one of
         trusted_proxies, a sequence of (family, packed network address, prefix length).
-        identity: ID_CLIENTID_CN | ID_USERNAME_CN, checked in C right after the CONNECT."""
+        identity: ID_CLIENTID_CN | ID_USERNAME_CN, checked in C right after the CONNECT.
+        upstream: an upstream index or a sequence of them (the pool); balance: BAL_* (see
+        BALANCE_MODES); retries: further servers tried when a connect fails before any byte was
+        relayed; source_addresses: (family, packed address) pairs bound round-robin before
+        each upstream connect (IP_BIND_ADDRESS_NO_PORT: the port is picked per destination)."""
         cdef Listener* l
         cdef epoll_event ev
+        cdef sockaddr_in* a4
+        cdef sockaddr_in6* a6
+        cdef int i
+        cdef bytes packed_b
         if self.n_listeners >= MAX_LISTENERS:
             raise ValueError("too many listeners")
-        if not (0 <= upstream < self.n_upstreams):
-            raise ValueError("unknown upstream index")
+        pool = [upstream] if isinstance(upstream, int) else list(upstream)
+        if not (1 <= len(pool) <= MAX_POOL):
+            raise ValueError(f"a pool holds 1..{MAX_POOL} servers")
+        for idx in pool:
+            if not (0 <= idx < self.n_upstreams):
+                raise ValueError("unknown upstream index")
+        if not (0 <= balance <= BAL_SOURCE):
+            raise ValueError("unknown balance mode")
+        if len(source_addresses) > MAX_SOURCES:
+            raise ValueError(f"at most {MAX_SOURCES} source addresses")
         l = &self.listeners[self.n_listeners]
         memset(l, 0, sizeof(Listener))
         l.fd = fd
-        l.upstream = upstream
+        l.n_pool = len(pool)
+        l.equal_weights = 1
+        for i in range(l.n_pool):
+            l.pool[i] = pool[i]
+            if self.upstreams[pool[i]].weight != self.upstreams[pool[0]].weight:
+                l.equal_weights = 0
+        l.balance = <uint8_t>balance
+        l.retries = <uint8_t>min(max(retries, 0), 255)
+        if source_addresses:
+            l.src = <sockaddr_storage*>calloc(len(source_addresses), sizeof(sockaddr_storage))
+            if l.src == NULL:
+                raise MemoryError()
+            for fam, packed in source_addresses:
+                packed_b = bytes(packed)
+                if fam == AF_INET and len(packed_b) == 4:
+                    a4 = <sockaddr_in*>&l.src[l.n_src]
+                    a4.sin_family = AF_INET
+                    memcpy(&a4.sin_addr, <char*>packed_b, 4)
+                elif fam == AF_INET6 and len(packed_b) == 16:
+                    a6 = <sockaddr_in6*>&l.src[l.n_src]
+                    a6.sin6_family = AF_INET6
+                    memcpy(&a6.sin6_addr, <char*>packed_b, 16)
+                else:
+                    free(l.src)
+                    l.src = NULL
+                    raise ValueError("bad source address")
+                l.n_src += 1
         l.ssl_ctx = NULL
         if tls is not None:
             l.ssl_ctx = <SSL_CTX*>PyCapsule_GetPointer(tls.capsule(), b"fastproxy.SSL_CTX")
@@ -526,6 +775,45 @@ cdef class Engine:
             d["closed_" + name.replace("-", "_")] = self.ctr.reasons[i]
         return d
 
+    def upstream_stats(self):
+        """Per upstream, in index order: up, sessions, total, fails, consecutive_fails, weight,
+        backup, maxconn (a snapshot; safe from another thread)."""
+        cdef int i
+        cdef Upstream* u
+        out = []
+        for i in range(self.n_upstreams):
+            u = &self.upstreams[i]
+            out.append({"up": bool(u.up), "sessions": u.sessions, "total": u.total, "fails": u.fails,
+                        "consecutive_fails": u.consec_fails, "weight": u.weight, "backup": bool(u.backup),
+                        "maxconn": u.maxconn})
+        return out
+
+    def consecutive_failures(self, int index):
+        """Failed connects to upstream `index` since its last good one (passive health)."""
+        if not (0 <= index < self.n_upstreams):
+            raise IndexError(index)
+        return self.upstreams[index].consec_fails
+
+    def set_upstream_state(self, int index, bint up):
+        """Mark a server up or down (from a health checker thread): a down server gets no new
+        sessions; its live ones stay unless shutdown_sessions() is called."""
+        if not (0 <= index < self.n_upstreams):
+            raise IndexError(index)
+        self.upstreams[index].up = up
+        if up:
+            self.upstreams[index].consec_fails = 0
+
+    def shutdown_sessions(self, int index):
+        """Close every session relayed to (or connecting to) upstream `index`, as HAProxy's
+        on-marked-down shutdown-sessions: devices reconnect and land on a healthy server.
+        Thread-safe: the loop does it when it wakes."""
+        cdef char b = 2
+        if not (0 <= index < self.n_upstreams):
+            raise IndexError(index)
+        self.upstreams[index].kill = 1
+        self.kill_pending = 1
+        write(self.wake_w, &b, 1)
+
     def stop(self, double drain_timeout=0.0):
         """Stop accepting and let sessions finish for drain_timeout seconds, then close the rest.
         Thread-safe; a second call may shorten the drain (0 = now)."""
@@ -581,6 +869,8 @@ cdef class Engine:
                 elif tag == TAG_WAKE:
                     while read(self.wake_r, drain, sizeof(drain)) > 0:
                         pass
+                    if self.kill_pending:
+                        self._kill_sessions()
                     self._check_signals()
                 else:
                     c = <Conn*><uintptr_t>(data & ~(<uint64_t>TAG_MASK))
@@ -673,7 +963,7 @@ cdef class Engine:
             c.up.fd = -1
             c.c2u.pipe_r = c.c2u.pipe_w = -1
             c.u2c.pipe_r = c.u2c.pipe_w = -1
-            c.upstream = l.upstream
+            c.upstream = -1
             c.idle_ms = l.idle_timeout_ms
             c.peer = peer
             c.peer_len = plen
@@ -1067,6 +1357,7 @@ cdef class Engine:
                 if not (0 <= upstream < self.n_upstreams):
                     raise ValueError(f"policy chose unknown upstream {upstream}")
                 c.upstream = upstream
+                c.routed = 1
             if new_id_obj is not None:
                 new_id = new_id_obj
                 rest = d.end - d.start - mc.packet_len
@@ -1160,43 +1451,91 @@ cdef class Engine:
     # ------------------------------------------------------------------ upstream connect
 
     cdef void _connect_upstream(self, Conn* c) noexcept nogil:
+        """Choose c's server (unless a policy routed it) and connect; c2u holds what goes first
+        (the CONNECT). Nothing has been written upstream until the connect completes, so a
+        failure before that may go to the next server (_upstream_failed)."""
         cdef Listener* l = &self.listeners[c.listener]
-        cdef Upstream* u = &self.upstreams[c.upstream]
-        cdef int fd, r, err
-        cdef epoll_event ev
+        cdef Upstream* u
+        cdef int pos, why = 0, err, mode
+        if not c.routed:
+            pos = pick_server(l, self.upstreams, c, &why)
+            if pos < 0:
+                self._no_server(c, why)
+                return
+            c.upstream = l.pool[pos]
+            c.tried |= (<uint64_t>1) << pos
+        u = &self.upstreams[c.upstream]
         # The header is built before the upstream is contacted: a client it cannot be built
         # for (too long, CN with control characters) never opens a broker connection.
-        if l.pp_mode != PP_NONE and self._proxy_header(c) < 0:
+        mode = u.pp_mode if u.pp_mode >= 0 else l.pp_mode
+        if mode != PP_NONE and self._proxy_header(c, mode) < 0:
             return
-        fd = socket(u.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
-        if fd < 0:
-            self._end(c, R_INTERNAL, fp_errno())
-            return
-        c.up.fd = fd
-        if u.family != AF_UNIX:
-            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &ONE, sizeof(int))
-        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-        ev.data.u64 = _tag(c, TAG_UPSTREAM)
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-            self._end(c, R_INTERNAL, fp_errno())
-            return
-        r = connect(fd, <sockaddr*>&u.addr, u.addr_len)
-        if r == 0:
+        c.tries += 1
+        u.sessions += 1
+        u.total += 1
+        c.counted = 1
+        err = self._open_upstream(c, u)
+        if err == 0:
             self._start_relay(c)
-            return
-        err = fp_errno()
-        if err == EINPROGRESS:
+        elif err == EINPROGRESS:
             c.state = ST_CONNECTING
             c.deadline_ms = self.now + l.connect_timeout_ms if l.connect_timeout_ms > 0 else 0
-            return
-        self._end(c, self._connect_reason(err), err)
+        else:
+            self._upstream_failed(c, self._connect_reason(err), err)
+
+    cdef int _open_upstream(self, Conn* c, Upstream* u) noexcept nogil:
+        """Socket, source address, connect. Returns 0 (connected), EINPROGRESS, or the errno of
+        the failure (c.up.fd may be open: the caller closes it)."""
+        cdef Listener* l = &self.listeners[c.listener]
+        cdef int fd, err, k, n_try = 1
+        cdef sockaddr_storage* src = NULL
+        cdef epoll_event ev
+        if l.n_src and u.family != AF_UNIX:
+            n_try = l.n_src
+        for k in range(n_try):
+            fd = socket(u.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+            if fd < 0:
+                return fp_errno()
+            c.up.fd = fd
+            if u.family != AF_UNIX:
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &ONE, sizeof(int))
+            if l.n_src and u.family != AF_UNIX:
+                src = &l.src[l.src_next % <uint32_t>l.n_src]
+                l.src_next += 1
+                if src.ss_family == u.family:
+                    # Port chosen at connect() per (source, destination), not at bind() per
+                    # source: each source address gives the whole port range to each server.
+                    setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &ONE, sizeof(int))
+                    if bind(fd, <sockaddr*>src, sizeof(sockaddr_in) if u.family == AF_INET
+                            else sizeof(sockaddr_in6)) < 0:
+                        err = fp_errno()
+                        close(fd)
+                        c.up.fd = -1
+                        if err == EADDRINUSE or err == EADDRNOTAVAIL:
+                            continue
+                        return err
+            ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+            ev.data.u64 = _tag(c, TAG_UPSTREAM)
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+                return fp_errno()
+            if connect(fd, <sockaddr*>&u.addr, u.addr_len) == 0:
+                return 0
+            err = fp_errno()
+            if err == EADDRNOTAVAIL and k + 1 < n_try:
+                close(fd)           # this source's ports toward the server are used up: next one
+                c.up.fd = -1
+                continue
+            return err
+        return EADDRNOTAVAIL
 
     cdef int _connect_reason(self, int err) noexcept nogil:
         if err == ENETUNREACH or err == EHOSTUNREACH:
             return R_UPSTREAM_UNREACHABLE
         if err == ETIMEDOUT:
             return R_UPSTREAM_TIMEOUT
-        if err == EADDRNOTAVAIL or err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
+        if err == EADDRNOTAVAIL or err == EADDRINUSE:
+            return R_NO_SOURCE_PORT
+        if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
             return R_INTERNAL
         # ECONNREFUSED, and for unix sockets ENOENT / EAGAIN (backlog full)
         return R_UPSTREAM_REFUSED
@@ -1207,11 +1546,80 @@ cdef class Engine:
         if getsockopt(c.up.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0:
             err = fp_errno()
         if err != 0:
-            self._end(c, self._connect_reason(err), err)
+            self._upstream_failed(c, self._connect_reason(err), err)
             return
         self._start_relay(c)
 
+    cdef void _upstream_failed(self, Conn* c, int reason, int err) noexcept nogil:
+        """The connect to c's server failed before any byte went to it: count it against the
+        server and try the next one of the pool (at most l.retries more), so a device does not
+        see a dead broker while a healthy one exists."""
+        cdef Listener* l = &self.listeners[c.listener]
+        cdef Upstream* u = &self.upstreams[c.upstream]
+        cdef bint local = reason == R_INTERNAL or reason == R_NO_SOURCE_PORT
+        if not local:
+            u.fails += 1
+            u.consec_fails += 1
+        if c.up.fd >= 0:
+            close(c.up.fd)          # also leaves the epoll set; no event of it is pending
+        memset(&c.up, 0, sizeof(Side))
+        c.up.fd = -1
+        self._release_server(c)
+        if c.pp_len:
+            c.c2u.start += c.pp_len     # the next server may want another header, or none
+            c.pp_len = 0
+        c.reason = reason
+        c.err = err
+        if local or c.routed or c.tries > l.retries:
+            self._give_up(c, 0x88)
+            return
+        self._connect_upstream(c)
+
+    cdef void _no_server(self, Conn* c, int why) noexcept nogil:
+        """No server to try: every one is down or full (why 1 / 2), or each one tried failed."""
+        if c.tries:
+            self._give_up(c, 0x88)      # keeps the last connect failure as the reason
+            return
+        c.reason = R_NO_SERVER
+        c.err = 0
+        c.detail_static = b"every server is at its maxconn" if why == 2 else b"no server is up"
+        self._give_up(c, 0x89 if why == 2 else 0x88)
+
+    cdef void _give_up(self, Conn* c, int rc5) noexcept nogil:
+        # MQTT clients hear why (Server unavailable 0x88 / Server busy 0x89; 3.x: 0x03) rather
+        # than a bare close; nothing of theirs reached a broker. c.reason, c.err say why.
+        cdef int code
+        if c.mqtt_level:
+            code = mqtt_connack_code(c.mqtt_level, <uint8_t>rc5)
+            self._refuse(c, c.mqtt_level if code >= 0 else 0, code, c.reason)
+        else:
+            self._end(c, c.reason, c.err)
+
+    cdef inline void _release_server(self, Conn* c) noexcept nogil:
+        if c.counted:
+            self.upstreams[c.upstream].sessions -= 1
+            c.counted = 0
+
+    cdef void _kill_sessions(self) noexcept nogil:
+        """shutdown-sessions: end the sessions of every server flagged by shutdown_sessions()."""
+        cdef uint8_t flagged[MAX_UPSTREAMS]
+        cdef Conn* c = self.conns
+        cdef Conn* nxt
+        cdef int i
+        self.kill_pending = 0
+        for i in range(self.n_upstreams):
+            flagged[i] = self.upstreams[i].kill
+            self.upstreams[i].kill = 0
+        while c != NULL:
+            nxt = c.next
+            if (c.upstream >= 0 and flagged[c.upstream]
+                    and (c.state == ST_RELAY or c.state == ST_CONNECTING)):
+                self._end(c, R_UPSTREAM_DOWN, 0)
+            c = nxt
+
     cdef void _start_relay(self, Conn* c) noexcept nogil:
+        if c.upstream >= 0:
+            self.upstreams[c.upstream].consec_fails = 0
         c.state = ST_RELAY
         c.deadline_ms = 0
         c.active_ms = self.now
@@ -1223,7 +1631,7 @@ cdef class Engine:
         c.use_splice = c.cl.ssl == NULL and c.up.ssl == NULL
         self._pump(c)
 
-    cdef int _proxy_header(self, Conn* c) noexcept nogil:
+    cdef int _proxy_header(self, Conn* c, int mode) noexcept nogil:
         """Put the PROXY header in front of what c2u holds (the CONNECT), so both leave in one
         write: Mosquitto 2.1 drops a header split across reads. Returns 0, or -1 after ending c."""
         cdef Listener* l = &self.listeners[c.listener]
@@ -1247,13 +1655,13 @@ cdef class Engine:
         info.max_len = l.pp_max_len
         if l.pp_crc32c:
             info.flags |= PP2_F_CRC32C
-        if c.cl.ssl != NULL and l.pp_mode >= PP_V2:
+        if c.cl.ssl != NULL and mode >= PP_V2:
             # As HAProxy 2.6: ALPN whenever negotiated; the SSL TLV carries VERSION (+ CN);
             # AUTHORITY, KEY_ALG, SIG_ALG, CIPHER only when asked for.
             want = PP2_WANT_ALPN | l.pp_want
-            if l.pp_mode >= PP_V2_SSL:
+            if mode >= PP_V2_SSL:
                 want |= PP2_WANT_SSL
-            if l.pp_mode == PP_V2_SSL_CN:
+            if mode == PP_V2_SSL_CN:
                 want |= PP2_WANT_CN
             pp2_info_set_ssl(&info, c.cl.ssl, want, &scratch)
             ERR_clear_error()
@@ -1263,7 +1671,7 @@ cdef class Engine:
                 c.detail_static = b"client certificate CN contains control characters"
                 self._end(c, R_DENIED, 0)
                 return -1
-        if l.pp_mode == PP_V1:
+        if mode == PP_V1:
             n = pp1_build(&info, <char*>hdr, sizeof(hdr))
         else:
             n = pp2_build(&info, hdr, sizeof(hdr))
@@ -1289,11 +1697,13 @@ cdef class Engine:
             d.start = 0
             d.end = have + <uint32_t>n
             memcpy(d.buf, hdr, n)
+            c.pp_len = <uint16_t>n
             return 0
         memmove(d.buf + n, d.buf + d.start, have)
         memcpy(d.buf, hdr, n)
         d.start = 0
         d.end = have + <uint32_t>n
+        c.pp_len = <uint16_t>n
         return 0
 
     # ------------------------------------------------------------------ relay
@@ -1559,7 +1969,7 @@ cdef class Engine:
                 elif c.state == ST_LINGER:
                     self._end(c, c.reason, 0)
                 elif c.state == ST_CONNECTING:
-                    self._end(c, R_UPSTREAM_TIMEOUT, ETIMEDOUT)
+                    self._upstream_failed(c, R_UPSTREAM_TIMEOUT, ETIMEDOUT)
             elif c.state == ST_LINGER:
                 self._linger(c)
             c = nxt
@@ -1578,6 +1988,7 @@ cdef class Engine:
         c.closed = 1
         if not c.reported:
             self._account(c, reason, err)
+        self._release_server(c)
         if c.cl.ssl != NULL:
             if c.handshake_done and not c.ssl_fatal and not c.cl.shut_wr:
                 ERR_clear_error()
@@ -1629,9 +2040,12 @@ cdef class Engine:
         """Refused client: log it now, send FIN after what we wrote (the CONNACK), and keep
         reading and discarding until its EOF. Closing with unread input would send RST, and the
         client's kernel may then drop the CONNACK before the application reads it."""
-        self._account(c, reason, 0)
+        self._account(c, reason, c.err)
         if c.closed:
             return      # the record hook failed; the loop is stopping
+        if c.up.fd >= 0:
+            close(c.up.fd)
+            c.up.fd = -1
         if c.cl.ssl != NULL and c.handshake_done and not c.ssl_fatal:
             SSL_shutdown(c.cl.ssl)
             ERR_clear_error()
@@ -1709,7 +2123,8 @@ cdef class Engine:
             detail = _os.strerror(c.err)
         client_id = c.client_id[:c.client_id_len].decode("utf-8", "replace") if c.client_id != NULL else None
         return (c.listener, self._peer_host(c), self._peer_port(c), protocol, c.reason, c.bytes_out, c.bytes_in,
-                c.t_wall, fp_mono_time() - c.t_mono, detail, self._peer_cn(c), client_id, c.refuse_code)
+                c.t_wall, fp_mono_time() - c.t_mono, detail, self._peer_cn(c), client_id, c.refuse_code,
+                c.upstream)
 
     cdef object _peer_cn(self, Conn* c):
         # Read at the end of the session from the SSL object, so a connection stores nothing.

@@ -7,8 +7,11 @@ from ._tls import TLSContext
 REASONS: tuple[tuple[str, int], ...]
 
 # listener, addr, port, protocol, reason index, bytes_sent, bytes_received, start_wall, duration,
-# detail, verified client certificate CN, MQTT ClientId, MQTT 5 reason code of an engine refusal (0: none)
-Record = tuple[int, str, int, str, int, int, int, float, float, str | None, str | None, str | None, int]
+# detail, verified client certificate CN, MQTT ClientId, MQTT 5 reason code of an engine refusal (0: none),
+# upstream index of the session's server (-1: none was chosen)
+Record = tuple[int, str, int, str, int, int, int, float, float, str | None, str | None, str | None, int, int]
+# Pool balance modes by engine code: clientid, round-robin, least-conn, source.
+BALANCE_MODES: tuple[str, ...]
 IDENTITY_CLIENTID_CN: int
 IDENTITY_USERNAME_CN: int
 
@@ -22,11 +25,22 @@ class Engine:
     ) -> None: ...
     @property
     def wakeup_fd(self) -> int: ...
-    def add_upstream(self, family: int, host_or_path: str, port: int = ...) -> int: ...
+    def add_upstream(
+        self,
+        family: int,
+        host_or_path: str,
+        port: int = ...,
+        *,
+        weight: int = ...,
+        backup: bool = ...,
+        maxconn: int = ...,
+        proxy_protocol: int = ...,
+        key: str | bytes | None = ...,
+    ) -> int: ...
     def add_listener(
         self,
         fd: int,
-        upstream: int,
+        upstream: int | Sequence[int],
         *,
         tls: TLSContext | None = ...,
         handshake_timeout: float = ...,
@@ -44,8 +58,27 @@ class Engine:
         accept_proxy_protocol: bool = ...,
         trusted_proxies: Sequence[tuple[int, bytes, int]] = ...,
         identity: int = ...,
+        balance: int = ...,
+        retries: int = ...,
+        source_addresses: Sequence[tuple[int, bytes]] = ...,
     ) -> int: ...
     def stats(self) -> dict[str, int]: ...
+    def upstream_stats(self) -> list[dict[str, int | bool]]: ...
+    def consecutive_failures(self, index: int) -> int: ...
+    def set_upstream_state(self, index: int, up: bool) -> None: ...
+    def shutdown_sessions(self, index: int) -> None: ...
     def stop(self, drain_timeout: float = ...) -> None: ...
     def run(self) -> None: ...
 
+
+def hash64(data: bytes) -> int: ...
+def pick_many(
+    items: Sequence[bytes],
+    server_keys: Sequence[bytes],
+    *,
+    weights: Sequence[int] | None = ...,
+    up: Sequence[bool] | None = ...,
+    backup: Sequence[bool] | None = ...,
+    balance: int = ...,
+) -> list[int]: ...
+def bench_balancer(balance: int, n_servers: int, n_iter: int, weighted: bool = ...) -> float: ...

@@ -1,4 +1,4 @@
-"""The `fastproxy` command: serve, check, version.
+"""The `fastproxy` command: serve, check, status, version.
 
 Every listener/global setting has one flag and one config-file key (`--tls-cert` is
 `tls_cert`); the flag names spelled out in the issues are a contract and must not change.
@@ -16,7 +16,6 @@ from .errors import ConfigError, FastproxyError
 # Flags that map to config keys; the dest is the key name.
 _VALUE_FLAGS: list[tuple[str, str, str]] = [
     # (key, metavar, help)
-    ("upstream", "ADDR", "broker address: host:port or unix:/path (file key: upstream)"),
     ("tls_cert", "FILE", "server certificate (full chain, PEM); enables TLS on the listener"),
     ("tls_key", "FILE", "server private key (PEM, unencrypted)"),
     ("tls_min_version", "VER", "TLSv1.2 (default) or TLSv1.3"),
@@ -46,6 +45,17 @@ _VALUE_FLAGS: list[tuple[str, str, str]] = [
     ("error_log", "PATH|-", "error log file, '-' for stderr (default -)"),
     ("log_level", "LEVEL", "debug, info, warning or error (default info)"),
     ("max_connections", "N", "per-worker connection limit (default 100000)"),
+    ("balance", "MODE", "how a pool of --upstream servers is shared: clientid (default with MQTT), round-robin, least-conn, source"),
+    ("retries", "N", "further servers tried when connecting to the chosen one fails (default 3)"),
+    ("upstream_source", "ADDRS", "local source addresses for broker connections, used round-robin: a-b range or list (HAProxy's source)"),
+    ("health_interval", "DUR", "check each server this often; 0 turns checks off (default 2s for 2+ servers, off for one)"),
+    ("health_timeout", "DUR", "a check fails without a CONNACK within this (default 2s)"),
+    ("health_rise", "N", "good checks that bring a down server back (default 2)"),
+    ("health_fall", "N", "failed checks (or failed client connects in a row) that mark a server down (default 3)"),
+    ("health_check", "KIND", "mqtt (CONNECT -> CONNACK, default) or tcp (connect only)"),
+    ("health_proxy_command", "CMD", "PROXY header of checks to servers that get one: proxy (default) or local"),
+    ("on_marked_down", "ACTION", "none (default) or shutdown-sessions: close the sessions of a server marked down"),
+    ("admin", "ADDR", "loopback address of the JSON status endpoint read by `fastproxy status` (e.g. 127.0.0.1:8404)"),
 ]
 
 
@@ -66,6 +76,13 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         action="append",
         help="address to listen on, host:port (repeatable; file key: listen)",
     )
+    p.add_argument(
+        "--upstream",
+        metavar="ADDR",
+        action="append",
+        help="broker address, host:port or unix:/path, optionally with ,weight=N,backup,maxconn=N,proxy-protocol=MODE; "
+        "repeat for a pool (file key: upstream, a list)",
+    )
     for key, metavar, help_ in _VALUE_FLAGS:
         p.add_argument(flag_for(key), dest=key, metavar=metavar, help=help_)
     for key, help_ in _BOOL_FLAGS:
@@ -82,6 +99,8 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if ns.listen:
         out["listen"] = ns.listen if len(ns.listen) > 1 else ns.listen[0]
+    if ns.upstream:
+        out["upstream"] = ns.upstream if len(ns.upstream) > 1 else ns.upstream[0]
     for key in [k for k, _, _ in _VALUE_FLAGS] + [k for k, _ in _BOOL_FLAGS]:
         v = getattr(ns, key, None)
         if v is not None:
@@ -116,6 +135,10 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a configuration (like nginx -t)")
     _add_serve_flags(check)
     sub.add_parser("version", help="print versions and whether the compiled engine is loaded")
+    status = sub.add_parser("status", help="print the live state of a running proxy (JSON from its --admin endpoint)")
+    status.add_argument("--admin", metavar="ADDR", help="the proxy's admin address (default 127.0.0.1:8404, or the file's)")
+    status.add_argument("-c", "--config", metavar="FILE", help="read the admin address from this configuration file")
+    status.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0, help="give up after this long (default 5)")
     return p
 
 
@@ -195,6 +218,26 @@ def _cmd_check(cfg: Config) -> int:
     return 0
 
 
+DEFAULT_ADMIN = "127.0.0.1:8404"
+
+
+def _cmd_status(ns: argparse.Namespace) -> int:
+    from .admin import status_command
+
+    address = ns.admin
+    if address is None and ns.config:
+        try:
+            cfg = load_config(ns.config)
+        except ConfigError as e:
+            print(f"fastproxy: configuration error: {e}", file=sys.stderr)
+            return 2
+        if cfg.admin is None:
+            print(f"fastproxy status: {ns.config} sets no admin address", file=sys.stderr)
+            return 2
+        address = str(cfg.admin)
+    return status_command(address or DEFAULT_ADMIN, timeout=ns.timeout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     ns = parser.parse_args(argv)
@@ -203,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if ns.command == "version":
         return _cmd_version()
+    if ns.command == "status":
+        return _cmd_status(ns)
     try:
         cfg = config_from_args(ns)
         if ns.command == "check":

@@ -27,6 +27,10 @@ CLI_SOURCE = "command line"
 PROXY_PROTOCOL_MODES = ("none", "v1", "v2", "v2-ssl", "v2-ssl-cn")
 # HAProxy's proxy-v2-options -> the engine's PP2_WANT_* bits (crc32c has its own switch).
 PROXY_PROTOCOL_OPTIONS = {"crc32c": 0, "authority": 0x02, "cert-key": 0x10, "cert-sig": 0x20, "ssl-cipher": 0x40}
+# Upstream pools: the engine's BAL_* order.
+BALANCE_MODES = ("clientid", "round-robin", "least-conn", "source")
+MAX_POOL = 64
+MAX_SOURCES = 256
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,20 @@ class Address:
         if self.path is not None:
             return f"unix:{self.path}"
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One broker of a listener's pool (HAProxy's `server` line)."""
+
+    address: Address
+    weight: int = 1                     # share of the ClientIds / connections, 1-256
+    backup: bool = False                # used only when no other server is up
+    max_connections: int = 0            # HAProxy's maxconn; 0: no limit
+    proxy_protocol: str | None = None   # this server's PROXY header mode; None: the listener's
+
+    def __str__(self) -> str:
+        return str(self.address)
 
 
 @dataclass(frozen=True)
@@ -102,6 +120,23 @@ class ListenerConfig:
     # PROXY protocol from an outer load balancer (HAProxy's accept-proxy)
     accept_proxy_protocol: bool = False
     trusted_proxies: tuple[str, ...] = ()
+    # Upstream pool: `upstream` is the first server; `servers` all of them (with options).
+    servers: tuple[ServerConfig, ...] = ()
+    balance: str = "clientid"
+    retries: int = 3                    # further servers tried when a connect fails
+    upstream_source: tuple[str, ...] = ()   # local addresses for upstream connects, round-robin
+    health_interval: float = 0.0        # seconds between checks of each server; 0: no checks
+    health_timeout: float = C.HEALTH_TIMEOUT_S
+    health_rise: int = 2
+    health_fall: int = 3
+    health_check: str = "mqtt"          # mqtt (CONNECT -> CONNACK) or tcp (connect only)
+    health_proxy_command: str = "proxy"  # PROXY header of checks to PROXY servers: proxy or local
+    on_marked_down: str = "none"        # or shutdown-sessions
+
+    @property
+    def balance_mode(self) -> int:
+        """The engine's code for balance."""
+        return BALANCE_MODES.index(self.balance)
 
     @property
     def proxy_protocol_want(self) -> int:
@@ -132,6 +167,7 @@ class Config:
     log_level: str = "info"
     max_connections: int = C.MAX_CONNECTIONS
     upstreams: tuple[tuple[str, Address], ...] = ()   # named upstreams, for policy routing
+    admin: Address | None = None        # loopback address of the JSON status endpoint
     source: str = CLI_SOURCE
 
     def with_overrides(self, **kw: Any) -> "Config":
@@ -143,7 +179,7 @@ class Config:
 _LISTENER_KEYS: dict[str, str] = {
     "name": "str",
     "listen": "addresses",
-    "upstream": "address",
+    "upstream": "servers",
     "tls_cert": "file",
     "tls_key": "file",
     "tls_min_version": "tls_version",
@@ -171,6 +207,16 @@ _LISTENER_KEYS: dict[str, str] = {
     "proxy_protocol_max_len": "posint",
     "accept_proxy_protocol": "bool",
     "trusted_proxies": "cidrs",
+    "balance": "balance",
+    "retries": "count",
+    "upstream_source": "sources",
+    "health_interval": "duration",
+    "health_timeout": "duration",
+    "health_rise": "posint",
+    "health_fall": "posint",
+    "health_check": "health_check",
+    "health_proxy_command": "pp_command",
+    "on_marked_down": "marked_down",
 }
 _GLOBAL_KEYS: dict[str, str] = {
     "workers": "workers",
@@ -180,6 +226,7 @@ _GLOBAL_KEYS: dict[str, str] = {
     "log_level": "log_level",
     "max_connections": "posint",
     "upstreams": "named_addresses",
+    "admin": "admin",
 }
 ALL_KEYS = {**_LISTENER_KEYS, **_GLOBAL_KEYS}
 
@@ -298,6 +345,89 @@ def _resolve(host: str) -> str:
     return str(infos[0][4][0])
 
 
+_SERVER_OPTIONS = ("weight", "backup", "max_connections", "maxconn", "proxy_protocol")
+
+
+def parse_server(value: Any) -> ServerConfig:
+    """A pool server: 'host:port' with optional HAProxy-like options after it, separated by
+    commas or spaces ('10.0.0.12:1883,weight=2,backup,maxconn=5000,proxy-protocol=v2'), or a
+    table {address = ..., weight = 2, backup = true, max_connections = 5000, proxy_protocol = "v2"}.
+    Raises ValueError."""
+    if isinstance(value, dict):
+        opts = dict(value)
+        if "address" not in opts:
+            raise ValueError("a server table needs address = \"host:port\"")
+        addr = opts.pop("address")
+    elif isinstance(value, str):
+        parts = [p for p in re.split(r"[,\s]+", value.strip()) if p]
+        if not parts:
+            raise ValueError("empty server address")
+        addr, opts = parts[0], {}
+        for p in parts[1:]:
+            k, sep, v = p.partition("=")
+            opts[k.replace("-", "_")] = v if sep else True
+    else:
+        raise ValueError(f"expected an address such as 127.0.0.1:1883, got {value!r}")
+    vals: dict[str, Any] = {"address": parse_address(addr)}
+    for k, v in opts.items():
+        k = k.replace("-", "_")
+        if k not in _SERVER_OPTIONS:
+            hint = difflib.get_close_matches(k, _SERVER_OPTIONS, n=1)
+            raise ValueError(f"unknown server option {k!r} for {addr}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        if k == "weight":
+            if isinstance(v, str) and v.isdigit():
+                v = int(v)
+            if isinstance(v, bool) or not isinstance(v, int) or not (1 <= v <= 256):
+                raise ValueError(f"{addr}: weight must be 1-256, got {v!r}")
+            vals["weight"] = v
+        elif k == "backup":
+            if isinstance(v, str):
+                v = v.lower() in ("on", "yes", "true", "1")
+            if not isinstance(v, bool):
+                raise ValueError(f"{addr}: backup must be true or false")
+            vals["backup"] = v
+        elif k in ("max_connections", "maxconn"):
+            if isinstance(v, str) and v.isdigit():
+                v = int(v)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{addr}: max_connections must be a number >= 0, got {v!r}")
+            vals["max_connections"] = v
+        else:
+            if v not in PROXY_PROTOCOL_MODES:
+                raise ValueError(f"{addr}: proxy_protocol must be one of {', '.join(PROXY_PROTOCOL_MODES)}, got {v!r}")
+            vals["proxy_protocol"] = v
+    return ServerConfig(**vals)
+
+
+def parse_sources(value: Any) -> tuple[str, ...]:
+    """Source addresses: a list, a comma-separated string, and/or ranges 'a-b' of IPv4 or
+    IPv6 addresses ('127.0.0.2-127.0.0.17'). Raises ValueError."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"expected addresses such as '127.0.0.2-127.0.0.17', got {item!r}")
+        for part in [p.strip() for p in item.split(",") if p.strip()]:
+            lo_s, sep, hi_s = part.partition("-")
+            try:
+                lo = ipaddress.ip_address(lo_s.strip())
+                hi = ipaddress.ip_address(hi_s.strip()) if sep else lo
+            except ValueError:
+                raise ValueError(f"{part!r} is not an address or a range of addresses (a-b)") from None
+            if lo.version != hi.version or int(hi) < int(lo):
+                raise ValueError(f"bad range {part!r}: expected low-high of one address family")
+            if int(hi) - int(lo) + 1 > MAX_SOURCES:
+                raise ValueError(f"range {part!r} holds more than {MAX_SOURCES} addresses")
+            out += [str(ipaddress.ip_address(n)) for n in range(int(lo), int(hi) + 1)]
+    if not out:
+        raise ValueError("needs at least one address")
+    if len(out) > MAX_SOURCES:
+        raise ValueError(f"at most {MAX_SOURCES} source addresses")
+    if len(set(out)) != len(out):
+        raise ValueError("an address is listed twice")
+    return tuple(out)
+
+
 def _path(value: Any, base_dir: str, what: str) -> str:
     """A path from the configuration; relative ones are relative to the file that holds them."""
     if not isinstance(value, str) or not value:
@@ -335,6 +465,34 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
             return value
         if kind == "address":
             return parse_address(value)
+        if kind == "servers":
+            items = value if isinstance(value, list) else [value]
+            if not items:
+                raise ValueError("needs at least one server")
+            if len(items) > MAX_POOL:
+                raise ValueError(f"at most {MAX_POOL} servers per listener")
+            servers = tuple(parse_server(v) for v in items)
+            seen = set()
+            for sv in servers:
+                if sv.address in seen:
+                    raise ValueError(f"server {sv.address} is listed twice")
+                seen.add(sv.address)
+            return servers
+        if kind == "sources":
+            return parse_sources(value)
+        if kind in ("balance", "health_check", "pp_command", "marked_down"):
+            choices = {"balance": BALANCE_MODES, "health_check": ("mqtt", "tcp"),
+                       "pp_command": ("proxy", "local"), "marked_down": ("none", "shutdown-sessions")}[kind]
+            if value not in choices:
+                raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+            return value
+        if kind == "admin":
+            a = parse_address(value if not (isinstance(value, (str, int)) and str(value).isdigit())
+                              else f"127.0.0.1:{value}")
+            if not a.is_loopback or a.is_unix:
+                raise ValueError(f"{a} is not a loopback address: the admin endpoint has no authentication, "
+                                 "so it listens on 127.0.0.1 or ::1 only")
+            return a
         if kind == "addresses":
             items = value if isinstance(value, list) else [value]
             if not items:
@@ -507,8 +665,37 @@ def _build_listener(ctx: _Ctx, raw: Mapping[str, Any], base_dir: str, index: int
     pp_keys = [k for k in ("proxy_protocol_crc32c", "proxy_protocol_options") if vals.get(k)]
     if pp_keys and vals.get("proxy_protocol", "none") in ("none", "v1"):
         raise ctx.error(pp_keys[0], "needs proxy_protocol v2, v2-ssl or v2-ssl-cn")
+    _pool_settings(ctx, vals)
     vals.setdefault("name", f"listener{index}")
     return ListenerConfig(**vals)
+
+
+def _pool_settings(ctx: _Ctx, vals: dict[str, Any]) -> None:
+    """Defaults and cross-checks of the upstream pool keys (vals holds parsed values)."""
+    servers: tuple[ServerConfig, ...] = vals["upstream"]
+    vals["servers"] = servers
+    vals["upstream"] = servers[0].address
+    mqtt = vals.get("mqtt", True)
+    if "balance" not in vals:
+        # Sticky by ClientId where the CONNECT is read; otherwise the fairest blind choice.
+        vals["balance"] = "clientid" if mqtt else "round-robin"
+    elif vals["balance"] == "clientid" and not mqtt:
+        raise ctx.error("balance", "clientid needs MQTT awareness, but mqtt = false (use source or round-robin)")
+    if "health_interval" not in vals and len(servers) > 1:
+        vals["health_interval"] = C.HEALTH_INTERVAL_S   # a pool is checked unless told otherwise
+    if vals.get("on_marked_down", "none") != "none" and not vals.get("health_interval"):
+        raise ctx.error("on_marked_down", "needs health checks (health_interval > 0)")
+    if vals.get("health_timeout", 1.0) <= 0:
+        raise ctx.error("health_timeout", "must be greater than 0")
+    sources = vals.get("upstream_source", ())
+    if sources:
+        fams = {":" in a for a in sources}
+        tcp = [sv for sv in servers if not sv.address.is_unix]
+        if not tcp:
+            raise ctx.error("upstream_source", "has no effect: every server is a unix socket")
+        for sv in tcp:
+            if (":" in sv.address.host) not in fams:
+                raise ctx.error("upstream_source", f"has no address of server {sv.address}'s family")
 
 
 def build_config(raw: Mapping[str, Any], *, source: str = CLI_SOURCE, base_dir: str = ".") -> Config:
@@ -580,10 +767,12 @@ __all__ = [
     "Address",
     "Config",
     "ListenerConfig",
+    "ServerConfig",
     "build_config",
     "load_config",
     "parse_address",
     "parse_duration",
+    "parse_server",
     "flag_for",
     "config_keys",
 ]

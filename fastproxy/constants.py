@@ -7,6 +7,8 @@ UPSTREAM_CONNECT_TIMEOUT_S = 5.0
 HANDSHAKE_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 10.0
+HEALTH_INTERVAL_S = 2.0         # HAProxy's inter default, for pools of 2+ servers
+HEALTH_TIMEOUT_S = 2.0
 MQTT_CONNECT_TIMEOUT_S = 5.0     # slowloris bound: the CONNECT must arrive within this
 MAX_CONNECT_SIZE = 64 * 1024
 

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
-from .config import Address, Config, ListenerConfig, key_path
+from .config import PROXY_PROTOCOL_MODES, Address, Config, ListenerConfig, ServerConfig, key_path
 from .errors import ConfigError, EngineNotBuiltError
 from .log import AccessLog, policy_log, server_log, setup_error_log, tls_log, upstream_log
 from .policy import ConnectGate, PolicyHook, engine_identity_checks, load_hook, needs_gate
@@ -32,7 +32,8 @@ except ImportError as e:  # pragma: no cover - only on an unbuilt checkout
 REASONS: tuple[tuple[str, int], ...] = _engine.REASONS if _engine is not None else ()
 
 # Reasons worth a line in the error log (the access log has every connection anyway).
-_UPSTREAM_FAILURES = {"upstream-refused", "upstream-unreachable", "upstream-timeout", "upstream-reset"}
+_UPSTREAM_FAILURES = {"upstream-refused", "upstream-unreachable", "upstream-timeout", "upstream-reset",
+                      "no-server", "upstream-down", "no-source-port"}
 _CLIENT_FAILURES = {"tls-handshake-failed", "tls-handshake-timeout"}
 
 
@@ -84,20 +85,44 @@ def check_config(cfg: Config) -> list[str]:
         build_context(lc, source=cfg.source, index=i, n_listeners=len(cfg.listeners))
         if lc.policy:
             load_hook(lc.policy, source=cfg.source, key=_key(cfg, i, "policy"))
-        if not lc.upstream.is_loopback:
-            warnings.append(
-                f"{lc.name}: upstream {lc.upstream} is not a loopback or unix address: "
-                "broker traffic leaves this host in plain text"
-            )
-        if lc.proxy_protocol != "none" and not lc.upstream.is_loopback:
-            warnings.append(
-                f"{lc.name}: upstream {lc.upstream} gets PROXY headers but is not a loopback or unix address: "
-                "a broker that trusts PROXY headers must be reachable only through the proxy, or any client "
-                "can claim any address and certificate identity"
-            )
+        _check_sources(cfg, i, lc)
+        for sv in lc.servers:
+            if not sv.address.is_loopback:
+                warnings.append(
+                    f"{lc.name}: upstream {sv} is not a loopback or unix address: "
+                    "broker traffic leaves this host in plain text"
+                )
+            if _server_pp(lc, sv) != "none" and not sv.address.is_loopback:
+                warnings.append(
+                    f"{lc.name}: upstream {sv} gets PROXY headers but is not a loopback or unix address: "
+                    "a broker that trusts PROXY headers must be reachable only through the proxy, or any client "
+                    "can claim any address and certificate identity"
+                )
         if not lc.tls and any(not a.is_loopback for a in lc.listen):
             warnings.append(f"{lc.name}: listens on {lc.listen[0]} without TLS")
     return warnings
+
+
+def _server_pp(lc: ListenerConfig, sv: ServerConfig) -> str:
+    return sv.proxy_protocol if sv.proxy_protocol is not None else lc.proxy_protocol
+
+
+def _check_sources(cfg: Config, index: int, lc: ListenerConfig) -> None:
+    """Each source address must be one of this host's: bind() it now, not at the first client."""
+    for a in lc.upstream_source:
+        fam = socket.AF_INET6 if ":" in a else socket.AF_INET
+        with socket.socket(fam, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((a, 0))
+            except OSError as e:
+                raise ConfigError(f"cannot use {a} as a source address: {e.strerror}", source=cfg.source,
+                                  key=_key(cfg, index, "upstream_source")) from None
+
+
+def _sources(addrs: tuple[str, ...]) -> list[tuple[int, bytes]]:
+    import ipaddress
+
+    return [(socket.AF_INET6 if ":" in a else socket.AF_INET, ipaddress.ip_address(a).packed) for a in addrs]
 
 
 def _networks(cidrs: tuple[str, ...]) -> list[tuple[int, bytes, int]]:
@@ -135,20 +160,25 @@ class Proxy:
         self._on_record = on_record
         self._access = access_log if access_log is not None else AccessLog(config.access_log)
         self._thread: threading.Thread | None = None
+        self._named: dict[str, int] = {}
         self._error: BaseException | None = None
         self._listener_names: list[str] = []
         self.addresses: list[list[tuple[str, int]]] = []
         self._log_failures = server_log.isEnabledFor(logging.INFO)
         self.refusals: Counter[str] = Counter()
         self._gates: list[ConnectGate | None] = []
+        # upstream index -> (listener config, server); named (policy) upstreams map to None
+        self._servers: dict[int, tuple[ListenerConfig, ServerConfig]] = {}
+        self._checkers: list[Any] = []
         self.engine = eng.Engine(on_close=self._on_close, on_connect=self._on_connect,
                                  max_connections=config.max_connections)
         socks: list[socket.socket] = []
         try:
             named = {name: self._add_upstream(addr) for name, addr in config.upstreams}
+            self._named = named
             for i, lc in enumerate(config.listeners):
                 ctx = build_context(lc, source=config.source, index=i, n_listeners=len(config.listeners))
-                up = self._add_upstream(lc.upstream)
+                pool = [self._add_server(lc, sv) for sv in lc.servers]
                 hook = load_hook(lc.policy, source=config.source, key=_key(config, i, "policy")) if lc.policy else policy
                 cid_cn, user_cn = engine_identity_checks(lc)
                 identity = (eng.IDENTITY_CLIENTID_CN if cid_cn else 0) | (eng.IDENTITY_USERNAME_CN if user_cn else 0)
@@ -164,7 +194,7 @@ class Proxy:
                     bound.append(s.getsockname()[:2])
                     self.engine.add_listener(
                         s.detach(),
-                        up,
+                        pool,
                         tls=ctx,
                         handshake_timeout=lc.handshake_timeout,
                         connect_timeout=lc.upstream_connect_timeout,
@@ -181,16 +211,55 @@ class Proxy:
                         accept_proxy_protocol=lc.accept_proxy_protocol,
                         trusted_proxies=_networks(lc.trusted_proxies),
                         identity=identity,
+                        balance=lc.balance_mode,
+                        retries=lc.retries,
+                        source_addresses=_sources(lc.upstream_source),
                     )
                     self._listener_names.append(lc.name)
                     self._gates.append(gate)
                 self.addresses.append(bound)
+                if lc.health_interval > 0:
+                    self._checkers.append(self._health_checker(lc, pool))
         except BaseException:
             for s in socks:
                 if s.fileno() >= 0:
                     s.close()
             self.engine = None  # closes detached listeners
             raise
+
+    def _add_server(self, lc: ListenerConfig, sv: ServerConfig) -> int:
+        a = sv.address
+        pp = -1 if sv.proxy_protocol is None else PROXY_PROTOCOL_MODES.index(sv.proxy_protocol)
+        opts = dict(weight=sv.weight, backup=sv.backup, maxconn=sv.max_connections, proxy_protocol=pp, key=str(a))
+        if a.is_unix:
+            assert a.path is not None
+            idx = int(self.engine.add_upstream(socket.AF_UNIX, a.path, 0, **opts))
+        else:
+            idx = int(self.engine.add_upstream(a.family, a.host, a.port, **opts))
+        self._servers[idx] = (lc, sv)
+        return idx
+
+    def _health_checker(self, lc: ListenerConfig, pool: list[int]) -> Any:
+        from .health import CheckTarget, HealthChecker
+
+        targets = [CheckTarget(index=idx, address=self._servers[idx][1].address,
+                               proxy_protocol=_server_pp(lc, self._servers[idx][1])) for idx in pool]
+        return HealthChecker(
+            targets, interval=lc.health_interval, timeout=lc.health_timeout, rise=lc.health_rise,
+            fall=lc.health_fall, kind=lc.health_check, proxy_command=lc.health_proxy_command,
+            on_change=self._health_changed, passive_failures=self.engine.consecutive_failures,
+        )
+
+    def _health_changed(self, target: Any, up: bool, why: str) -> None:
+        # From a checker thread: the engine reads the byte at its next choice of a server.
+        if self.engine is None:
+            return
+        self.engine.set_upstream_state(target.index, up)
+        lc, sv = self._servers[target.index]
+        if not up and lc.on_marked_down == "shutdown-sessions":
+            n = self.engine.upstream_stats()[target.index]["sessions"]
+            upstream_log.warning("%s: closing %d session(s) on %s (on_marked_down shutdown-sessions)", lc.name, n, sv)
+            self.engine.shutdown_sessions(target.index)
 
     def _add_upstream(self, a: Address) -> int:
         if a.is_unix:
@@ -205,7 +274,7 @@ class Proxy:
         return gate(rec)
 
     def _on_close(self, rec: tuple) -> None:
-        li, host, port, protocol, reason_i, sent, received, t0, duration, detail, cn, client_id, refuse_code = rec
+        li, host, port, protocol, reason_i, sent, received, t0, duration, detail, cn, client_id, refuse_code, up = rec
         reason, status = REASONS[reason_i]
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]
@@ -224,13 +293,18 @@ class Proxy:
         elif reason != "ok" and self._log_failures:
             name = self._listener_names[li]
             if reason in _UPSTREAM_FAILURES:
-                lc = self._listener_for(li)
                 # A broker resetting an established session is routine in MQTT (a session taken
-                # over by the same ClientId); failing to reach it is not.
-                level = logging.INFO if reason == "upstream-reset" else logging.WARNING
+                # over by the same ClientId); failing to reach it is not; running out of local
+                # ports is an operator's problem (add upstream_source addresses).
+                level = {"upstream-reset": logging.INFO, "upstream-down": logging.INFO,
+                         "no-source-port": logging.ERROR}.get(reason, logging.WARNING)
+                server = self._server_name(up) or "(no server)"
+                hint = ""
+                if reason == "no-source-port":
+                    hint = "; the local ports toward this server are used up: add upstream_source addresses"
                 upstream_log.log(
-                    level, "%s: client %s:%d: %s %s%s", name, host, port, reason, lc.upstream,
-                    f" ({detail})" if detail else "",
+                    level, "%s: client %s:%d: %s %s%s%s", name, host, port, reason, server,
+                    f" ({detail})" if detail else "", hint,
                 )
             elif reason in _CLIENT_FAILURES:
                 tls_log.info("%s: client %s:%d: %s%s", name, host, port, reason, f": {detail}" if detail else "")
@@ -254,12 +328,17 @@ class Proxy:
                     "detail": detail,
                     "cn": cn,
                     "client_id": client_id,
+                    "upstream": self._server_name(up),
                 }
             )
 
-    def _listener_for(self, li: int) -> ListenerConfig:
-        name = self._listener_names[li]
-        return next(lc for lc in self.config.listeners if lc.name == name)
+    def _server_name(self, index: int) -> str | None:
+        if index < 0:
+            return None
+        entry = self._servers.get(index)
+        if entry is not None:
+            return str(entry[1])
+        return next((f"{n} ({a})" for n, a in self.config.upstreams if self._named.get(n) == index), None)
 
     # -- running
     def run(self) -> None:
@@ -273,9 +352,13 @@ class Proxy:
         old_fd = None
         if threading.current_thread() is threading.main_thread():
             old_fd = signal.set_wakeup_fd(self.engine.wakeup_fd, warn_on_full_buffer=False)
+        for ch in self._checkers:
+            ch.start()
         try:
             self.engine.run()
         finally:
+            for ch in self._checkers:
+                ch.stop()
             if old_fd is not None:
                 signal.set_wakeup_fd(old_fd)
 
@@ -310,6 +393,29 @@ class Proxy:
             st[f"refused: {why}"] = n
         return st
 
+    def status(self) -> dict[str, Any]:
+        """Live state for `fastproxy status`: listeners, each pool server (up/down, sessions,
+        totals, connect failures, last health check) and the engine's counters."""
+        ups = self.engine.upstream_stats()
+        health: dict[int, dict] = {}
+        for ch in self._checkers:
+            for h in ch.states():
+                health[h["index"]] = h
+        servers = []
+        for idx, (lc, sv) in self._servers.items():
+            h = health.get(idx)
+            check = None
+            if h is not None:
+                check = {k: h.get(k) for k in ("checks", "failed_checks", "last_check", "last_result",
+                                               "last_duration_ms", "changes", "since")}
+            servers.append({"pool": lc.name, "server": str(sv), **ups[idx], "check": check})
+        listeners = [
+            {"name": lc.name, "listen": [f"{h}:{p}" for h, p in self.addresses[i]], "balance": lc.balance,
+             "servers": len(lc.servers), "health_interval": lc.health_interval}
+            for i, lc in enumerate(self.config.listeners)
+        ]
+        return {"pid": os.getpid(), "listeners": listeners, "servers": servers, "counters": self.stats()}
+
     def close(self) -> None:
         self._access.close()
 
@@ -330,8 +436,9 @@ def _describe(cfg: Config) -> str:
         mode = "TLS" if lc.tls else "TCP"
         if lc.tls and lc.verify != "none":
             mode += f", client certificates {lc.verify}"
+        to = str(lc.upstream) if len(lc.servers) == 1 else f"{len(lc.servers)} servers ({lc.balance})"
         for a in lc.listen:
-            parts.append(f"{a} ({mode}) -> {lc.upstream}")
+            parts.append(f"{a} ({mode}) -> {to}")
     return "; ".join(parts)
 
 
@@ -351,14 +458,24 @@ def _install_stop_handlers(stop: Callable[[float], None], drain: float) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def _run_single(cfg: Config, *, reuseport: bool, announce: str | None = None) -> int:
+def _run_single(cfg: Config, *, reuseport: bool, announce: str | None = None,
+                link: Any = None) -> int:
     proxy = Proxy(cfg, reuseport=reuseport)
+    admin = None
+    if link is not None:
+        link.serve(proxy.status)        # a worker: the master asks over the link
+    elif cfg.admin is not None:
+        from .admin import AdminServer
+
+        admin = AdminServer(cfg.admin.host, cfg.admin.port, proxy.status).start()
     if announce:
         server_log.info("%s", announce)
     _install_stop_handlers(proxy.engine.stop, cfg.drain_timeout)
     try:
         proxy.run()
     finally:
+        if admin is not None:
+            admin.stop()
         proxy.close()
     if announce:
         server_log.info("stopped")
@@ -386,6 +503,7 @@ class _Master:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.children: dict[int, float] = {}
+        self.links: dict[int, Any] = {}
         self.stopping = False
         self.quick_restarts = 0
 
@@ -407,24 +525,53 @@ class _Master:
                         h.close()
                     raise OSError(e.errno, f"cannot listen on {a}: {e.strerror}") from None
                 held.append(s)
+        if self.cfg.admin is not None:
+            # Probed (and released) before any fork: a taken admin port fails the start.
+            a = self.cfg.admin
+            with socket.socket(a.family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((a.host, a.port))
+                except OSError as e:
+                    for h in held:
+                        h.close()
+                    raise OSError(e.errno, f"cannot listen on {a} (admin): {e.strerror}") from None
         return held
 
     def _spawn(self, held: list[socket.socket]) -> None:
+        link = None
+        if self.cfg.admin is not None:
+            from .admin import WorkerLink
+
+            link = WorkerLink()
         pid = os.fork()
         if pid == 0:  # worker
             code = 1
             try:
                 for h in held:
                     h.close()
+                for other in self.links.values():
+                    other.close()
+                if link is not None:
+                    link.in_worker()
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                code = _run_single(self.cfg, reuseport=True)
+                code = _run_single(self.cfg, reuseport=True, link=link)
             except BaseException as e:
                 server_log.error("worker failed: %s", e)
             finally:
                 logging.shutdown()
                 os._exit(code)
         self.children[pid] = time.monotonic()
+        if link is not None:
+            link.in_master()
+            self.links[pid] = link
+
+    def status(self) -> dict[str, Any]:
+        from .admin import ask_all, merge_worker_status
+
+        pids = sorted(self.links)
+        return merge_worker_status(list(zip(pids, ask_all([self.links[p] for p in pids], timeout=2.0))))
 
     def run(self) -> int:
         for lc in self.cfg.listeners:
@@ -453,6 +600,11 @@ class _Master:
             self._spawn(held)
         for h in held:
             h.close()
+        admin = None
+        if self.cfg.admin is not None:
+            from .admin import AdminServer
+
+            admin = AdminServer(self.cfg.admin.host, self.cfg.admin.port, self.status).start()
         server_log.info("listening on %s with %d workers", _describe(self.cfg), self.cfg.workers)
         status = 0
         while self.children:
@@ -465,6 +617,9 @@ class _Master:
             started = self.children.pop(pid, None)
             if started is None:
                 continue
+            gone = self.links.pop(pid, None)
+            if gone is not None:
+                gone.close()
             code = os.waitstatus_to_exitcode(st)
             if self.stopping:
                 if code != 0:
@@ -480,5 +635,7 @@ class _Master:
                     status = 1
                     continue
             self._spawn(held)
+        if admin is not None:
+            admin.stop()
         server_log.info("stopped")
         return status

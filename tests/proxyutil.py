@@ -46,8 +46,8 @@ STATUS_REASONS = {
     "400": {"tls-handshake-failed", "tls-handshake-timeout"},
     "403": {"denied"},
     "500": {"internal-error"},
-    "502": {"upstream-refused", "upstream-unreachable"},
-    "503": {"shutdown"},
+    "502": {"upstream-refused", "upstream-unreachable", "upstream-down"},
+    "503": {"shutdown", "no-server", "no-source-port"},
     "504": {"upstream-timeout"},
 }
 

@@ -37,7 +37,8 @@ def _relay_works(port: int, paho_client, tag: str, tls: bool = True) -> None:
 
 @pytest.mark.parametrize("tls", MODES)
 def test_upstream_refused(certs, start_proxy, tls):
-    """Nothing listens upstream: the client is closed promptly and the line says 502 upstream-refused."""
+    """Nothing listens upstream: the client hears CONNACK 0x03 Server unavailable (nothing of its
+    reached a broker), is closed promptly, and the line says 502 upstream-refused."""
     dead = U.free_port()
     fp = start_proxy(f"127.0.0.1:{dead}", tls=tls)
     for i in range(3):
@@ -60,7 +61,7 @@ def test_upstream_refused(certs, start_proxy, tls):
         finally:
             s.close()
         assert closed, "the client connection stayed open although the upstream refused"
-        assert not data.startswith(b"\x20"), "a CONNACK came from nowhere"
+        assert data == b"\x20\x02\x00\x03", f"expected CONNACK 0x03 Server unavailable, got {data!r}"
         assert elapsed < 3.0, f"closed only after {elapsed:.2f}s"
     entries = fp.wait_access(n=3)
     for e in entries:

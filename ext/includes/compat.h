@@ -24,6 +24,10 @@
 #define SPLICE_F_MOVE 1
 #define SPLICE_F_NONBLOCK 2
 #endif
+/* Linux 4.2; older libc headers lack the name. */
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
 #ifndef F_GETPIPE_SZ
 #define F_GETPIPE_SZ 1032
 #endif

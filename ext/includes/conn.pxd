@@ -1,5 +1,5 @@
 # Types of the compiled engine (cimported by _engine.pyx): connection state machine, relay directions, counters.
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
+from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
 from system cimport sockaddr_storage, socklen_t, epoll_event
 from openssl cimport SSL, SSL_CTX
 
@@ -9,6 +9,8 @@ cdef enum:
     MAX_EVENTS = 256
     MAX_LISTENERS = 64
     MAX_UPSTREAMS = 256
+    MAX_POOL = 64              # servers per listener pool (a bit each in Conn.tried)
+    MAX_SOURCES = 256          # local source addresses per listener
     SWEEP_MS = 250             # timeout granularity
     ACCEPT_BATCH = 64          # accepts per wakeup per listener, for fairness with relaying
     BUF_POOL_MAX = 64
@@ -64,7 +66,17 @@ cdef enum EndReason:
     R_NO_CONNECT
     R_BAD_PROXY_HEADER
     R_UNTRUSTED_PROXY
+    R_NO_SERVER             # every server of the pool is down (or full)
+    R_UPSTREAM_DOWN         # the session's server was marked down (shutdown-sessions)
+    R_NO_SOURCE_PORT        # no free local port toward the server (EADDRNOTAVAIL)
     R_COUNT
+
+# How a listener's pool chooses a server.
+cdef enum:
+    BAL_CLIENTID = 0        # weighted rendezvous hash of the ClientId (empty ClientId: least-conn)
+    BAL_ROUND_ROBIN = 1     # smooth weighted round-robin (nginx's)
+    BAL_LEAST_CONN = 2      # fewest sessions per weight
+    BAL_SOURCE = 3          # weighted rendezvous hash of the client address
 
 # PROXY protocol header sent to the upstream (HAProxy's send-proxy, -v2, -v2-ssl, -v2-ssl-cn).
 cdef enum:
@@ -145,7 +157,12 @@ cdef struct Conn:
     uint16_t client_id_len
     char* client_id         # copy of the CONNECT's ClientId (malloc'd), for the access log
     const char* detail_static   # static reason of a refusal (parser), for logs
-    int upstream            # index chosen for this session
+    int upstream            # index of this session's server, -1 before the choice
+    uint64_t tried          # pool positions tried for this session (retry on the next one)
+    uint8_t tries           # connect attempts so far
+    uint8_t routed          # a policy Route() chose the server: no balancing, no retry
+    uint8_t counted         # counted in upstreams[upstream].sessions
+    uint16_t pp_len         # PROXY header at the front of c2u (stripped before a retry)
     int64_t idle_ms         # this session's idle timeout (keepalive-aware listeners set it)
     uint32_t connect_total  # CONNECT length once its fixed header is known, 0 before
     uint8_t has_pp_dst      # a received PROXY header named the address the client reached
@@ -172,7 +189,16 @@ cdef struct Listener:
     int fd
     uint8_t in_epoll
     SSL_CTX* ssl_ctx
-    int upstream
+    int pool[MAX_POOL]              # upstream indices this listener balances over
+    int n_pool
+    uint8_t balance                 # BAL_*
+    uint8_t equal_weights           # rendezvous by integer compare (exact on every platform)
+    uint8_t retries                 # further servers tried after a failed connect
+    uint32_t rr                     # rotation for least-conn ties
+    int64_t wrr[MAX_POOL]           # smooth weighted round-robin state
+    sockaddr_storage* src           # local source addresses for upstream connects (malloc'd)
+    int n_src
+    uint32_t src_next
     int64_t handshake_timeout_ms
     int64_t connect_timeout_ms      # upstream connect
     int64_t idle_timeout_ms
@@ -194,6 +220,17 @@ cdef struct Upstream:
     sockaddr_storage addr
     socklen_t addr_len
     int family
+    uint64_t key            # hash of the server's address text: same ranking on every instance
+    uint16_t weight
+    uint8_t backup          # used only when no primary server of the pool is up
+    uint8_t up              # health state, written by the checker thread (a byte: no tearing)
+    uint8_t kill            # shutdown-sessions requested (checker thread -> loop, via the wake pipe)
+    int8_t pp_mode          # PROXY header mode for this server, -1: the listener's
+    uint32_t maxconn        # 0: unlimited
+    uint32_t sessions       # live sessions (connecting or relaying)
+    uint64_t total          # sessions sent to it
+    uint64_t fails          # failed connects
+    uint32_t consec_fails   # failed connects since the last good one (passive health)
 
 cdef struct Counters:
     uint64_t accepted

@@ -39,6 +39,7 @@ cdef extern from "compat.h" nogil:
     int AF_INET, AF_INET6, AF_UNIX
     int SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC
     int SOL_SOCKET, SO_ERROR, SO_LINGER, IPPROTO_TCP, TCP_NODELAY
+    int IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, EADDRINUSE
     int SHUT_WR, SHUT_RDWR
     int MSG_NOSIGNAL, MSG_TRUNC
     int INET6_ADDRSTRLEN
@@ -49,6 +50,7 @@ cdef extern from "compat.h" nogil:
 
     int socket(int domain, int type, int protocol)
     int connect(int fd, const sockaddr* addr, socklen_t len)
+    int bind(int fd, const sockaddr* addr, socklen_t len)
     int accept4(int fd, sockaddr* addr, socklen_t* len, int flags)
     int getsockopt(int fd, int level, int name, void* val, socklen_t* len)
     int setsockopt(int fd, int level, int name, const void* val, socklen_t len)
