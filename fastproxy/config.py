@@ -418,7 +418,7 @@ def parse_sources(value: Any) -> tuple[str, ...]:
                 raise ValueError(f"bad range {part!r}: expected low-high of one address family")
             if int(hi) - int(lo) + 1 > MAX_SOURCES:
                 raise ValueError(f"range {part!r} holds more than {MAX_SOURCES} addresses")
-            out += [str(ipaddress.ip_address(n)) for n in range(int(lo), int(hi) + 1)]
+            out += [str(type(lo)(n)) for n in range(int(lo), int(hi) + 1)]   # ip_address(1) would be v4
     if not out:
         raise ValueError("needs at least one address")
     if len(out) > MAX_SOURCES:
