@@ -392,61 +392,67 @@ def hash64(data: bytes) -> int:
     return fp_hash64(<const char*>data, len(data))
 
 
+cdef class _SimPool:
+    """A listener, its pool and one connection outside any engine: pick_server() as the loop
+    runs it, for tests, simulations and the balancer benchmark."""
+    cdef Listener* l
+    cdef Upstream* ups
+    cdef Conn* c
+
+    def __cinit__(self, server_keys, weights=None, up=None, backup=None, int balance=BAL_CLIENTID):
+        cdef int i, n = len(server_keys)
+        cdef bytes k
+        if not (0 < n <= MAX_POOL):
+            raise ValueError(f"a pool holds 1..{MAX_POOL} servers")
+        if not (0 <= balance <= BAL_SOURCE):
+            raise ValueError("unknown balance mode")
+        self.l = <Listener*>calloc(1, sizeof(Listener))
+        self.ups = <Upstream*>calloc(n, sizeof(Upstream))
+        self.c = <Conn*>calloc(1, sizeof(Conn))
+        if self.l == NULL or self.ups == NULL or self.c == NULL:
+            raise MemoryError()
+        self.l.balance = <uint8_t>balance
+        self.l.n_pool = n
+        self.l.equal_weights = 1
+        for i in range(n):
+            k = server_keys[i]
+            self.l.pool[i] = i
+            self.ups[i].key = fp_hash64(<const char*>k, len(k))
+            self.ups[i].weight = weights[i] if weights is not None else 1
+            if not (1 <= self.ups[i].weight <= 256):
+                raise ValueError("weight must be 1..256")
+            self.ups[i].up = up[i] if up is not None else 1
+            self.ups[i].backup = backup[i] if backup is not None else 0
+            if self.ups[i].weight != self.ups[0].weight:
+                self.l.equal_weights = 0
+
+    def __dealloc__(self):
+        free(self.l)
+        free(self.ups)
+        free(self.c)
+
+
 def pick_many(items, server_keys, *, weights=None, up=None, backup=None, int balance=BAL_CLIENTID):
     """Run the engine's server choice for each item (a ClientId) over a pool described by
     server_keys (the address texts), as a fresh listener would; returns the chosen positions
     (-1: none). For tests, simulations and docs: the same C code the loop runs."""
-    cdef int n = len(server_keys), i, why = 0
-    cdef Listener* l
-    cdef Upstream* ups
-    cdef Conn* c
+    cdef _SimPool sim = _SimPool(server_keys, weights, up, backup, balance)
+    cdef int why = 0
     cdef bytes b
     out = []
-    if not (0 < n <= MAX_POOL):
-        raise ValueError(f"1..{MAX_POOL} servers")
-    l = <Listener*>calloc(1, sizeof(Listener))
-    ups = <Upstream*>calloc(n, sizeof(Upstream))
-    c = <Conn*>calloc(1, sizeof(Conn))
-    try:
-        if l == NULL or ups == NULL or c == NULL:
-            raise MemoryError()
-        _fill_pool(l, ups, server_keys, weights, up, backup, balance)
-        for item in items:
-            b = item
-            memset(c, 0, sizeof(Conn))
-            c.client_id = <char*>b
-            c.client_id_len = <uint16_t>len(b)
-            out.append(pick_server(l, ups, c, &why))
-    finally:
-        free(l)
-        free(ups)
-        free(c)
+    for item in items:
+        b = item
+        if len(b) > 65535:
+            raise ValueError("a ClientId has at most 65535 bytes")
+        memset(sim.c, 0, sizeof(Conn))
+        sim.c.client_id = <char*>b
+        sim.c.client_id_len = <uint16_t>len(b)
+        out.append(pick_server(sim.l, sim.ups, sim.c, &why))
     return out
-
-
-cdef int _fill_pool(Listener* l, Upstream* ups, server_keys, weights, up, backup, int balance) except -1:
-    cdef int i
-    cdef bytes k
-    l.balance = <uint8_t>balance
-    l.n_pool = len(server_keys)
-    l.equal_weights = 1
-    for i in range(l.n_pool):
-        k = server_keys[i]
-        l.pool[i] = i
-        ups[i].key = fp_hash64(<const char*>k, len(k))
-        ups[i].weight = weights[i] if weights is not None else 1
-        ups[i].up = up[i] if up is not None else 1
-        ups[i].backup = backup[i] if backup is not None else 0
-        if ups[i].weight != ups[0].weight:
-            l.equal_weights = 0
-    return 0
 
 
 def bench_balancer(int balance, int n_servers, long n_iter, bint weighted=False):
     """Nanoseconds per server choice, measured in C over n_iter distinct ClientIds."""
-    cdef Listener* l
-    cdef Upstream* ups
-    cdef Conn* c
     cdef char idbuf[32]
     cdef long i
     cdef int why = 0, j
@@ -454,30 +460,23 @@ def bench_balancer(int balance, int n_servers, long n_iter, bint weighted=False)
     cdef int sink = 0
     keys = [f"10.0.0.{i + 1}:1883".encode() for i in range(n_servers)]
     weights = [1 + (i % 3) for i in range(n_servers)] if weighted else None
-    l = <Listener*>calloc(1, sizeof(Listener))
-    ups = <Upstream*>calloc(n_servers, sizeof(Upstream))
-    c = <Conn*>calloc(1, sizeof(Conn))
-    try:
-        if l == NULL or ups == NULL or c == NULL:
-            raise MemoryError()
-        _fill_pool(l, ups, keys, weights, None, None, balance)
-        memcpy(idbuf, b"device-000000000000", 19)
-        c.client_id = idbuf
-        c.client_id_len = 19
-        c.peer.ss_family = AF_INET
-        with nogil:
-            t0 = fp_mono_time()
-            for i in range(n_iter):
-                # a different 19-byte ClientId (and client address) each time
-                for j in range(12):
-                    idbuf[7 + j] = <char>(48 + (i >> (j * 2)) % 4)
-                (<sockaddr_in*>&c.peer).sin_addr.s_addr = <uint32_t>i
-                sink += pick_server(l, ups, c, &why)
-            t1 = fp_mono_time()
-    finally:
-        free(l)
-        free(ups)
-        free(c)
+    cdef _SimPool sim = _SimPool(keys, weights, None, None, balance)
+    cdef Listener* l = sim.l
+    cdef Upstream* ups = sim.ups
+    cdef Conn* c = sim.c
+    memcpy(idbuf, b"device-000000000000", 19)
+    c.client_id = idbuf
+    c.client_id_len = 19
+    c.peer.ss_family = AF_INET
+    with nogil:
+        t0 = fp_mono_time()
+        for i in range(n_iter):
+            # a different 19-byte ClientId (and client address) each time
+            for j in range(12):
+                idbuf[7 + j] = <char>(48 + (i >> (j * 2)) % 4)
+            (<sockaddr_in*>&c.peer).sin_addr.s_addr = <uint32_t>i
+            sink += pick_server(l, ups, c, &why)
+        t1 = fp_mono_time()
     return (t1 - t0) * 1e9 / n_iter if n_iter else 0.0
 
 

@@ -71,3 +71,46 @@ def test_down_server_gets_no_sessions_and_shutdown_closes_its_own(mosquitto_fact
         assert proxy.engine.upstream_stats()[idx_a]["total"] == 3
         for s in held + extra + [after]:
             s.close()
+
+
+# ----------------------------------------------------------------------------- the choice itself
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from fastproxy import _engine  # noqa: E402
+
+_servers = st.lists(st.tuples(st.integers(1, 4), st.booleans(), st.booleans()), min_size=1, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_servers, st.lists(st.binary(max_size=40), min_size=1, max_size=20), st.integers(0, 3))
+def test_pick_respects_up_and_backup(servers, ids, balance):
+    keys = [f"10.0.0.{i}:1883".encode() for i in range(len(servers))]
+    weights, up, backup = zip(*servers)
+    picks = _engine.pick_many(ids, keys, weights=list(weights), up=list(up), backup=list(backup), balance=balance)
+    primaries_up = [i for i in range(len(keys)) if up[i] and not backup[i]]
+    any_up = [i for i in range(len(keys)) if up[i]]
+    for p in picks:
+        if not any_up:
+            assert p == -1
+        else:
+            assert p in any_up
+            if primaries_up:
+                assert p in primaries_up          # a backup only when no primary is up
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 10), st.lists(st.binary(min_size=1, max_size=23), min_size=1, max_size=50),
+       st.randoms(use_true_random=False))
+def test_clientid_choice_ignores_server_order(n, ids, rnd):
+    """Proxies listing the same servers in another order send a ClientId to the same server."""
+    keys = [f"192.0.2.{i}:1883".encode() for i in range(n)]
+    shuffled = keys[:]
+    rnd.shuffle(shuffled)
+    a = [keys[p] for p in _engine.pick_many(ids, keys)]
+    b = [shuffled[p] for p in _engine.pick_many(ids, shuffled)]
+    assert a == b
+    weights = [1 + i % 3 for i in range(n)]
+    wmap = dict(zip(keys, weights))
+    a = [keys[p] for p in _engine.pick_many(ids, keys, weights=weights)]
+    b = [shuffled[p] for p in _engine.pick_many(ids, shuffled, weights=[wmap[k] for k in shuffled])]
+    assert a == b
