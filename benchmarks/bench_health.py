@@ -6,7 +6,7 @@
     python3 benchmarks/bench_health.py --servers 64 --interval 0.5 --check tcp
 
 One Mosquitto with --servers listeners (`listener P 127.0.0.1`, one port per server) stands for
-the pool. Two fastproxy processes are started side by side with the same 10 `--upstream`s, plain
+the pool. Two fastproxy processes are started side by side with the same --servers `--upstream`s, plain
 TCP, MQTT on, `--workers 1`, access log off, an `--admin` endpoint each, and no client traffic:
 
   checks    `--health-interval <interval>` (`--health-check mqtt` by default: TCP connect, MQTT
@@ -18,8 +18,9 @@ each proxy process (utime+stime of all its threads from /proc/<pid>/stat; scheds
 resolution when the two agree, see common.best_cpu_s) is read, again after --seconds, and
 `fastproxy status --admin` is read just before and after the window for the per-server `check`
 counters. Printed: CPU in % of one core for both, their difference (the cost of the checks; target
-< 1 % of a core for 10 servers at 1 s), checks/s and CPU per check, failed checks (must be 0), and
-the broker's CPU for answering the checks (informational).
+< 1 % of a core for 10 servers at 1 s), checks/s and CPU per check, failed checks (must be 0),
+the broker's CPU for answering the checks (informational) and the machine's load: the share of the
+CPUs busy just before the window and the share other processes (not these three) used during it.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ by the load generator, not by the proxy. See benchmarks/README.md.
     python3 benchmarks/e2e.py --quick                       # ~1 minute smoke run
     python3 benchmarks/e2e.py --json out.json               # full run (< 10 minutes on 2 cores)
     python3 benchmarks/e2e.py --only haproxy,nginx --scenarios msg64,idle
+    python3 benchmarks/e2e.py --only fastproxy --scenarios pool --pool-size 3   # pool of 3 vs 1 broker
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
@@ -54,10 +55,18 @@ from common import (  # noqa: E402
 
 PROXIES = ("fastproxy", "haproxy", "nginx")
 PEERS = ("haproxy", "nginx")
-SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "latency", "connect", "connect-pp")
+SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "latency", "connect", "connect-pp", "pool")
 DEFAULT_SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "latency")
 # connect-pp: fastproxy alone, without and with a PROXY v2 header (+ SSL TLVs + CN) toward a fake broker
 PP_VARIANTS = ("fastproxy", "fastproxy+v2-ssl-cn")
+# pool: fastproxy alone, QoS 0 messages from --pool-clients publishers, with 1 upstream broker and with
+# a pool of --pool-size brokers (the publishers' ClientIds spread over them by the clientid balance)
+POOL_TARGET_PCT = 5.0
+
+
+def pool_variants(n: int) -> tuple[str, str]:
+    return ("pool=1", f"pool={n}")
+
 LOADGEN = os.path.join(HERE, "loadgen.py")
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 NGINX_LOAD_STREAM = f"load_module {NGINX_STREAM_MODULE};\n"
@@ -197,8 +206,13 @@ class Bench:
         return os.path.join(self.tmp, name)
 
     def start_broker(self) -> None:
+        p, port = self.start_mosquitto("mosquitto")
+        self.broker = p
+        self.broker_port = port
+
+    def start_mosquitto(self, tag: str) -> tuple[subprocess.Popen, int]:
         port = free_port()
-        conf = self.path("mosquitto.conf")
+        conf = self.path(f"{tag}.conf")
         with open(conf, "w") as f:
             f.write(
                 f"listener {port} 127.0.0.1\n"
@@ -214,11 +228,14 @@ class Bench:
             )
             if os.geteuid() == 0:
                 f.write("user root\n")  # keep access to the temp dir; loopback only
-        p = self.procs.start("mosquitto", ["mosquitto", "-c", conf], log_path=self.path("mosquitto.log"))
+        p = self.procs.start("mosquitto", ["mosquitto", "-c", conf], log_path=self.path(f"{tag}.log"))
         wait_port("127.0.0.1", port, 10, p)
-        self.broker = p
-        self.broker_port = port
-        log(f"mosquitto on 127.0.0.1:{port} (pid {p.pid})")
+        log(f"{tag} on 127.0.0.1:{port} (pid {p.pid})")
+        return p, port
+
+    def start_pool_brokers(self) -> None:
+        """--pool-size Mosquittos for the pool scenario (the pool=1 variant uses the first)."""
+        self.pool_ports = [self.start_mosquitto(f"mosquitto-pool{i}")[1] for i in range(self.a.pool_size)]
 
     def start_sink(self) -> None:
         p = self.procs.start("sink", [PY, LOADGEN, "sink", "--port", "0", "--max-seconds", str(self.a.time_budget + 600)],
@@ -232,9 +249,13 @@ class Bench:
     # ---- proxies
 
     def start_proxy(self, name: str, upstream_port: int, check_clientid: bool = False,
-                    proxy_protocol: str | None = None) -> tuple[subprocess.Popen, int]:
+                    proxy_protocol: str | None = None,
+                    fastproxy_args: Sequence[str] = ()) -> tuple[subprocess.Popen, int]:
         """check_clientid: the `connect` job (ClientId must equal the client certificate's CN);
-        nginx cannot do it without njs and ignores it (plain mTLS reference)."""
+        nginx cannot do it without njs and ignores it (plain mTLS reference).
+        fastproxy_args: more `fastproxy serve` options (e.g. further --upstream: a pool); fastproxy only."""
+        if fastproxy_args and name != "fastproxy":
+            raise ValueError("fastproxy_args: fastproxy only")
         port = free_port()
         c = self.certs
         tag = self._name(name)
@@ -263,6 +284,7 @@ class Bench:
                 argv.append("--require-clientid-cn")
             if proxy_protocol:
                 argv += ["--proxy-protocol", proxy_protocol]
+            argv += list(fastproxy_args)
             env = dict(os.environ)
             env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             p = self.procs.start(name, argv, log_path=logp, env=env, cwd=self.tmp)
@@ -457,6 +479,155 @@ class Bench:
             if px is not None:
                 self.procs.stop(px)
             self.procs.stop(sub)
+
+    # ---- pool: fastproxy with one broker vs a pool of --pool-size brokers
+
+    def pool_client_ids(self, n_servers: int) -> tuple[list[str], list[int] | None]:
+        """--pool-clients ClientIds that the clientid balance spreads as evenly as possible over the
+        first n_servers pool brokers, and the broker position each one goes to. Picked with the
+        engine's own choice (fastproxy._engine.pick_many) over the keys the proxy uses
+        ("127.0.0.1:<port>"); when the engine is not importable here (--fastproxy-cmd elsewhere) the
+        ClientIds are just numbered and the positions are None (the run then reports what arrived)."""
+        k = self.a.pool_clients
+        prefix = self._name("poolpub")
+        try:
+            if REPO not in sys.path:
+                sys.path.insert(0, REPO)
+            from fastproxy import _engine  # noqa: PLC0415
+            pick_many = _engine.pick_many
+        except (ImportError, AttributeError):
+            return [f"{prefix}-{i}" for i in range(k)], None
+        keys = [f"127.0.0.1:{p}".encode() for p in self.pool_ports[:n_servers]]
+        cap = -(-k // n_servers)  # at most ceil(k / n) clients per broker
+        have = [0] * n_servers
+        ids: list[str] = []
+        where: list[int] = []
+        for i in range(100_000):
+            cid = f"{prefix}-{i}"
+            pos = pick_many([cid.encode()], keys, balance=0)[0]  # 0: clientid
+            if 0 <= pos < n_servers and have[pos] < cap:
+                have[pos] += 1
+                ids.append(cid)
+                where.append(pos)
+                if len(ids) == k:
+                    return ids, where
+        raise BenchError("could not find ClientIds spreading over the pool")
+
+    def _await_subscriber(self, port: int, topic: str, counter: TopicCounter) -> None:
+        """The counting subscription on the broker at `port` is live once a marker published
+        directly to that broker arrives."""
+        before = counter.other
+        for _ in range(50):
+            subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", f"{topic}/ready", "-m", "r"],
+                           timeout=10, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            t_end = time.monotonic() + 0.2
+            while counter.other == before and time.monotonic() < t_end:
+                time.sleep(0.01)
+            if counter.other != before:
+                return
+        raise BenchError(f"counting subscriber on port {port} never received its marker")
+
+    def run_pool(self, variant: str) -> dict:
+        """--messages QoS 0 messages of --pool-msg-size bytes from --pool-clients `mosquitto_pub -l`
+        (mTLS) through fastproxy, whose upstream is one broker (pool=1) or a pool of --pool-size
+        brokers (pool=N; the default balance, clientid, sends each publisher to one of them). A
+        `mosquitto_sub` connected directly to each broker counts arrivals; the proxy's CPU is read
+        before the publishers start and after the last message arrived."""
+        n_srv = int(variant.split("=", 1)[1])
+        ports = self.pool_ports[:n_srv]
+        k = self.a.pool_clients
+        total = self.a.messages
+        per = [total // k + (1 if i < total % k else 0) for i in range(k)]
+        topic = f"bench/{self._name('pool')}"
+        subs: list[subprocess.Popen] = []
+        counters: list[TopicCounter] = []
+        pubs: list[subprocess.Popen] = []
+        px = None
+        try:
+            for port in ports:
+                sub = self.procs.start("mosquitto_sub", ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-q", "0",
+                                                         "-t", f"{topic}/#", "-F", "%t", "-i", self._name("count")],
+                                       stdout=subprocess.PIPE, log_path=self.path("mosquitto_sub.log"))
+                subs.append(sub)
+                counters.append(TopicCounter(sub.stdout, f"{topic}/data".encode()))
+            for port, counter in zip(ports, counters):
+                self._await_subscriber(port, topic, counter)
+            ids, where = self.pool_client_ids(n_srv)
+            args: list[str] = []
+            for port in ports[1:]:
+                args += ["--upstream", f"127.0.0.1:{port}"]
+            if self.a.pool_health_interval is not None:
+                args += ["--health-interval", self.a.pool_health_interval]
+            px, pport = self.start_proxy("fastproxy", ports[0], fastproxy_args=args)
+            files = [self.data_file(self.a.pool_msg_size, m) for m in per]
+            perf = self.perf_start(f"pool{n_srv}", "fastproxy", px.pid)
+            c0 = group_cpu(px.pid)
+            t0 = time.monotonic()
+            for cid, data in zip(ids, files):
+                argv = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(pport), *self.tls_args(),
+                        "-t", f"{topic}/data", "-q", "0", "-l", "-i", cid]
+                with open(data, "rb") as stdin:
+                    pubs.append(self.procs.start("mosquitto_pub", argv, stdin=stdin,
+                                                 log_path=self.path("mosquitto_pub.log")))
+            deadline = t0 + self.a.step_timeout
+            for pub in pubs:
+                try:
+                    pub.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            pubs_timed_out = sum(1 for pub in pubs if pub.poll() is None)
+            pub_rcs = [self.procs.stop(pub) for pub in pubs]
+            pubs = []
+
+            def arrived() -> int:
+                return sum(c.count for c in counters)
+
+            # the stragglers: until all arrived, or no progress for 3 s
+            last_count, last_change = -1, time.monotonic()
+            deadline = time.monotonic() + self.a.step_timeout
+            while arrived() < total and time.monotonic() < deadline:
+                if arrived() != last_count:
+                    last_count, last_change = arrived(), time.monotonic()
+                elif time.monotonic() - last_change > 3:
+                    break
+                time.sleep(0.02)
+            time.sleep(0.05)
+            c1 = group_cpu(px.pid)
+            self.perf_stop(perf)
+            count = arrived()
+            per_broker = [c.count for c in counters]
+            last_t = max(c.last_t for c in counters)
+            self.stop_proxy("fastproxy", px)
+            px = None
+        finally:
+            for pub in pubs:
+                self.procs.stop(pub)
+            if px is not None:
+                self.procs.stop(px)
+            for sub in subs:
+                self.procs.stop(sub)
+        elapsed = (last_t - t0) if count else None
+        cpu = best_cpu_s(c0, c1)
+        ticks_s, sched_s = cpu_delta_s(c0, c1)
+        res: dict = {"servers": n_srv, "clients": k, "expected": total, "count": count, "per_broker": per_broker,
+                     "pub_rcs": pub_rcs, "pubs_timed_out": pubs_timed_out, "elapsed_s": elapsed,
+                     "msgs_per_s": count / elapsed if elapsed else None,
+                     "cpu_s": cpu, "cpu_ticks_s": ticks_s, "cpu_sched_s": sched_s,
+                     "cpu_us_per_msg": cpu / count * 1e6 if count else None}
+        warn = []
+        if where is not None:
+            want = [0] * n_srv
+            for pos, m in zip(where, per):
+                want[pos] += m
+            res["expected_per_broker"] = want
+            res["clients_per_broker"] = [where.count(i) for i in range(n_srv)]
+            if count == total and per_broker != want:
+                warn.append(f"messages per broker {per_broker}, the engine's choice predicts {want}")
+        if count < total:
+            warn.append(f"only {count} of {total} messages arrived (publisher exits {pub_rcs})")
+        if warn:
+            res["warning"] = "; ".join(warn)
+        return res
 
     def run_bulk(self, proxy: str) -> dict:
         """A python TLS client pushes --bulk-mb MiB (MQTT CONNECT + QoS 0 PUBLISHes) through the proxy
@@ -793,6 +964,11 @@ def run(a: argparse.Namespace) -> dict:
                 b.start_fake_broker()
             else:
                 b.notes.append("connect-pp skipped: it measures fastproxy only")
+        if "pool" in a.scenarios:
+            if "fastproxy" in proxies:
+                b.start_pool_brokers()
+            else:
+                b.notes.append("pool skipped: it measures fastproxy only")
         runners: dict[str, Callable[[str], dict]] = {
             "msg64": lambda p: b.run_msg(p, 64),
             "msg1k": lambda p: b.run_msg(p, 1024),
@@ -801,6 +977,7 @@ def run(a: argparse.Namespace) -> dict:
             "latency": b.run_latency,
             "connect": b.run_connect,
             "connect-pp": lambda v: b.run_connect("fastproxy", pp_variant=v),
+            "pool": b.run_pool,
         }
         for rnd in range(1, a.rounds + 1):
             if time.monotonic() - t_start > a.time_budget:
@@ -825,6 +1002,12 @@ def run(a: argparse.Namespace) -> dict:
                         continue
                     j = (rnd - 1) % len(PP_VARIANTS)
                     sc_order = list(PP_VARIANTS[j:] + PP_VARIANTS[:j])
+                if sc == "pool":
+                    if "fastproxy" not in proxies:
+                        continue
+                    pv = pool_variants(a.pool_size)
+                    j = (rnd - 1) % len(pv)
+                    sc_order = list(pv[j:] + pv[:j])
                 for p in extra + sc_order:
                     t0 = time.monotonic()
                     try:
@@ -842,6 +1025,7 @@ def run(a: argparse.Namespace) -> dict:
             shutil.rmtree(b.tmp, ignore_errors=True)
     return {"proxies": proxies, "skipped": skipped, "results": results, "notes": b.notes,
             "background_busy": b.background,
+            "pool_variants": list(pool_variants(a.pool_size)) if "pool" in a.scenarios else [],
             "wall_s": round(time.monotonic() - t_start, 1)}
 
 
@@ -857,6 +1041,9 @@ def _brief(sc: str, r: dict) -> str:
     elif sc == "idle":
         s = (f"{r['conns_ok']} conns in {r['open_s']:.1f}s, rss {r['rss_before_kib']} -> {r['rss_idle_kib']} KiB, "
              f"{(r['kib_per_conn'] or 0):.1f} KiB/conn, {(r['handshake_cpu_ms'] or 0):.3f} ms/handshake")
+    elif sc == "pool":
+        s = (f"{r.get('count')}/{r.get('expected')} msgs from {r['clients']} clients, per broker {r['per_broker']}, "
+             f"{r.get('msgs_per_s') or 0:,.0f} msg/s, {(r['cpu_us_per_msg'] or 0):.3f} µs/msg (cpu {r['cpu_s']:.3f}s)")
     elif sc.startswith("connect"):
         s = (f"{r['ok']}/{r['attempted']} CONNACK ok, {r['conns_per_s'] or 0:,.0f} conn/s, "
              f"{(r['cpu_ms_per_conn'] or 0):.3f} ms CPU/conn (cpu {r['cpu_s']:.2f}s); wrong ClientId: "
@@ -966,6 +1153,33 @@ def summarize(out: dict) -> dict:
         pp_sum["target"] = "< 2 %"
         pp_sum["meets_target"] = pp_sum["cpu_diff_pct"] is not None and pp_sum["cpu_diff_pct"] < 2.0
         summary["connect-pp"] = pp_sum
+    # pool: fastproxy with 1 upstream broker vs a pool of N, same clients and messages
+    pv = out.get("pool_variants") or []
+    rows = {v: by.get(("pool", v), []) for v in pv}
+    if pv and all(rows[v] for v in pv):
+        one, many = pv
+        pool_sum: dict = {"variants": {}}
+        for v in pv:
+            xs = [r["cpu_us_per_msg"] for r in rows[v] if r.get("cpu_us_per_msg") is not None]
+            rs = [r["msgs_per_s"] for r in rows[v] if r.get("msgs_per_s") is not None]
+            pool_sum["variants"][v] = {"cpu_us_per_msg": median(xs), "cpu_min": min(xs), "cpu_max": max(xs),
+                                       "msgs_per_s": median(rs), "n": len(xs),
+                                       "per_broker": [r.get("per_broker") for r in rows[v]]}
+        m1 = pool_sum["variants"][one]["cpu_us_per_msg"]
+        mn = pool_sum["variants"][many]["cpu_us_per_msg"]
+        pool_sum["ratio"] = mn / m1 if m1 else None  # ratio of the medians, pool=N / pool=1
+        pool_sum["cpu_diff_pct"] = (mn / m1 - 1) * 100 if m1 else None
+        paired = []
+        for rn in rows[many]:
+            r1 = next((r for r in rows[one] if r["round"] == rn["round"]), None)
+            if r1 and r1.get("cpu_us_per_msg") and rn.get("cpu_us_per_msg") is not None:
+                paired.append((rn["cpu_us_per_msg"] / r1["cpu_us_per_msg"] - 1) * 100)
+        pool_sum["cpu_diff_pct_per_round"] = paired
+        pool_sum["cpu_diff_pct_paired_median"] = median(paired)
+        pool_sum["target"] = f"within ±{POOL_TARGET_PCT:g} %"
+        pool_sum["meets_target"] = (pool_sum["cpu_diff_pct"] is not None
+                                    and abs(pool_sum["cpu_diff_pct"]) <= POOL_TARGET_PCT)
+        summary["pool"] = pool_sum
     return summary
 
 
@@ -1034,6 +1248,21 @@ def print_table(out: dict, summary: dict) -> None:
               f"per round: {per_round} %)  target {pp['target']}  {verdict}")
         if pp.get("pp_v2_header_bytes"):
             print(f"PROXY v2 header size seen by the fake broker: {pp['pp_v2_header_bytes']:.0f} bytes")
+    ps = summary.get("pool")
+    if ps:
+        one, many = out["pool_variants"]
+        print(f"\npool (fastproxy alone, the same clients and messages; upstream 1 broker vs {many.split('=')[1]} "
+              "brokers, clientid balance; medians over rounds)")
+        print(f"{'variant':<16}{'CPU [µs/msg]':>14}{'min..max':>18}{'msg/s':>10}  messages per broker (per round)")
+        for v in (one, many):
+            x = ps["variants"][v]
+            rng = f"{x['cpu_min']:.3f}..{x['cpu_max']:.3f}"
+            pb = "; ".join(str(p) for p in x["per_broker"])
+            print(f"{v:<16}{x['cpu_us_per_msg']:>14.3f}{rng:>18}{x['msgs_per_s'] or 0:>10,.0f}  {pb}")
+        per_round = ", ".join(f"{x:+.1f}" for x in ps["cpu_diff_pct_per_round"])
+        verdict = "PASS" if ps["meets_target"] else "FAIL"
+        print(f"CPU per message {many} / {one}: {ps['ratio']:.3f} ({ps['cpu_diff_pct']:+.2f} %, ratio of medians; "
+              f"per round: {per_round} %)  target {ps['target']}  {verdict}")
     warnings = [r for r in out["results"] if r.get("warning") or r.get("error")]
     if warnings:
         print("\nwarnings / errors:")
@@ -1062,6 +1291,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connect-conns", type=int,
                    help="connections per proxy per round in connect/connect-pp (default 3000; --quick 300)")
     p.add_argument("--connect-procs", type=int, default=4, help="client processes in connect/connect-pp (default 4)")
+    p.add_argument("--pool-size", type=int, default=3,
+                   help="pool scenario: brokers in the pool compared with one broker (default 3)")
+    p.add_argument("--pool-clients", type=int, default=6,
+                   help="pool scenario: publishers sharing --messages, in both variants (default 6)")
+    p.add_argument("--pool-msg-size", type=int, default=64, help="pool scenario: message payload bytes (default 64)")
+    p.add_argument("--pool-health-interval", metavar="DUR",
+                   help="pool scenario: --health-interval for both variants (default: fastproxy's default, "
+                        "i.e. 2s for the pool, off for one broker)")
     p.add_argument("--json", metavar="FILE", help="write all raw results and the summary as JSON")
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run")
     p.add_argument("--no-direct", dest="direct", action="store_false",
@@ -1098,6 +1335,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--scenarios: unknown scenario {x!r} (choose from {', '.join(SCENARIOS)})")
     if a.rounds < 1 or a.messages < 1 or a.bulk_mb < 1 or a.idle_conns < 1 or a.connect_conns < 1:
         p.error("--rounds, --messages, --bulk-mb and --idle-conns must be positive")
+    if not 2 <= a.pool_size <= 64 or a.pool_clients < 1 or a.pool_msg_size < 1:
+        p.error("--pool-size must be 2..64, --pool-clients and --pool-msg-size positive")
+    if "pool" in a.scenarios and a.messages < a.pool_clients:
+        p.error("--messages must be at least --pool-clients")
     return a
 
 

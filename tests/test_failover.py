@@ -273,8 +273,9 @@ def test_marked_down_without_shutdown_sessions_keeps_held_sessions(
     with stopped(a):
         wait_stderr(proxy, rf"server {re.escape(a.upstream)} is DOWN after 2 failed checks")
         assert server_entry(admin_status(admin), a.upstream)["up"] is False
-        for c in held:
-            closed, data, _ = U.wait_closed(socks[c], 1.0)
+        # ~1 s after the DOWN line, no EOF (1 s on the first socket, then a glance at the rest)
+        for i, c in enumerate(held):
+            closed, data, _ = U.wait_closed(socks[c], 1.0 if i == 0 else 0.05)
             assert not closed and data == b"", f"{c}: the proxy closed a session on a DOWN server (on_marked_down none)"
         assert "closing" not in proxy.stderr()
         assert not [e for e in proxy.access_entries() if e.reason == "upstream-down"]
@@ -376,10 +377,20 @@ def connack(i, tag):
             if not chunk:
                 break
             data += chunk
-        if len(data) == 4 and data[0] == 0x20:
-            return data[3], s
+        if len(data) == 4 and data[0] == 0x20 and data[3] == 0:
+            return 0, s
+        # refused: the proxy must close after its answer (bounded wait for EOF)
+        closed = len(data) < 4
+        deadline = time.monotonic() + 5
+        while not closed and time.monotonic() < deadline:
+            try:
+                closed = s.recv(4096) == b""
+            except socket.timeout:
+                break
+            except OSError:
+                closed = True
         s.close()
-        return None, None
+        return (data[3] if len(data) == 4 and data[0] == 0x20 else None), ("closed" if closed else "open")
     except OSError:
         s.close()
         return None, None
@@ -399,20 +410,23 @@ def status():
 
 def round_(tag, n, extra):
     errlog = os.path.join(WORKDIR, f"ns-proxy-{tag}.stderr")
+    acclog = os.path.join(WORKDIR, f"ns-proxy-{tag}.access")
     with open(errlog, "wb") as err:
         p = subprocess.Popen([sys.executable, "-m", "fastproxy", "serve", "--listen", f"127.0.0.1:{PROXY}",
                               "--upstream", f"127.0.0.1:{MQTT}", "--admin", f"127.0.0.1:{ADMIN}",
-                              "--access-log", "off", *extra],
+                              "--access-log", acclog, *extra],
                              cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     procs.append(p)
     wait_listening(PROXY, p, "fastproxy")
     wait_listening(ADMIN, p, "fastproxy admin")
-    codes, held = [], []
+    codes, held, refused_end = [], [], []
     for i in range(n):
         code, s = connack(i, tag)
         codes.append(code)
-        if s is not None:
+        if code == 0:
             held.append(s)
+        else:
+            refused_end.append(s)
     time.sleep(0.2)
     st = status()
     # the sessions that got CONNACK 0 are alive: PINGREQ -> PINGRESP
@@ -429,8 +443,9 @@ def round_(tag, n, extra):
     p.terminate()
     p.wait(10)
     procs.remove(p)
-    return {"codes": codes, "alive": alive, "counters": st["counters"],
-            "stderr": open(errlog, errors="replace").read()}
+    return {"codes": codes, "alive": alive, "refused_end": refused_end, "counters": st["counters"],
+            "stderr": open(errlog, errors="replace").read(),
+            "access": open(acclog, errors="replace").read().splitlines()}
 
 try:
     wait_listening(MQTT, mq, "mosquitto")
@@ -480,6 +495,10 @@ def test_source_pool_beats_ephemeral_port_exhaustion_in_a_netns(tmp_path):
     assert 8 <= ok <= 10, plain
     assert plain["alive"] == ok, plain
     assert len(refused) == 15 - ok and all(c in (3, None) for c in refused), plain
+    assert plain["refused_end"] == ["closed"] * len(refused), plain  # answered (or not), then closed
+    acc = [U.parse_access_line(ln) for ln in plain["access"]]
+    nsp = [e for e in acc if e.reason == "no-source-port"]
+    assert len(nsp) == 15 - ok and {e.status for e in nsp} == {503}, plain["access"]
     assert plain["counters"].get("closed_no_source_port") == 15 - ok, plain["counters"]
     err = plain["stderr"]
     assert re.search(r"no-source-port 127\.0\.0\.1:1883.*add upstream_source addresses", err), err

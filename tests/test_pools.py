@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
