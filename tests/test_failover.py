@@ -20,7 +20,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import urllib.request
 from collections import Counter
 from contextlib import contextmanager
@@ -482,10 +481,19 @@ def test_source_pool_beats_ephemeral_port_exhaustion_in_a_netns(tmp_path):
 
     script = tmp_path / "netns_helper.py"
     script.write_text(textwrap.dedent(NETNS_HELPER))
-    r = subprocess.run(["unshare", "--net", sys.executable, str(script), str(U.REPO), MOSQUITTO, str(tmp_path)],
-                       capture_output=True, text=True, timeout=120, env=U.proxy_env())
-    assert r.returncode == 0, f"helper failed ({r.returncode}):\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    # its own process group: on a timeout the helper, its broker and its proxy are killed
+    # together (the namespace ends with its last process)
+    p = subprocess.Popen(["unshare", "--net", sys.executable, str(script), str(U.REPO), MOSQUITTO, str(tmp_path)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=U.proxy_env(), start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        stdout, stderr = p.communicate(timeout=10)
+        pytest.fail(f"the netns helper did not finish in 90s:\nstdout:\n{stdout}\nstderr:\n{stderr}")
+    assert p.returncode == 0, f"helper failed ({p.returncode}):\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    out = json.loads(stdout.strip().splitlines()[-1])
     assert out["port_range"] == ["40000", "40009"], "the namespace's ephemeral port range was not applied"
 
     plain = out["plain"]
