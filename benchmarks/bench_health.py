@@ -21,6 +21,7 @@ counters. Printed: CPU in % of one core for both, their difference (the cost of 
 < 1 % of a core for 10 servers at 1 s), checks/s and CPU per check, failed checks (must be 0),
 the broker's CPU for answering the checks (informational) and the machine's load: the share of the
 CPUs busy just before the window and the share other processes (not these three) used during it.
+Exit status 0, or 2 when a warning was printed (failed checks, servers down, too few checks).
 """
 from __future__ import annotations
 
