@@ -30,7 +30,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,9 +43,12 @@ from common import (  # noqa: E402
     cpu_busy_fraction,
     cpu_delta_s,
     environment,
+    file_tail,
     free_port,
     group_cpu,
     log,
+    sigterm_as_interrupt,
+    stop_and_clean,
     system_busy_s,
     wait_port,
 )
@@ -134,7 +136,7 @@ class Bench:
             host, aport = admin.rsplit(":", 1)
             wait_port(host, int(aport), 10, p)
         except (RuntimeError, TimeoutError) as e:
-            raise BenchError(f"{name} did not start: {e}; log {logp}: {_tail(logp)}") from None
+            raise BenchError(f"{name} did not start: {e}; log {logp}: {file_tail(logp)}") from None
         log(f"{name}: fastproxy pid {p.pid}, {len(ports)} servers, --health-interval {interval:g}, admin {admin}")
         return p, admin
 
@@ -156,15 +158,6 @@ def _checks(st: dict) -> tuple[int, int, int, int]:
         failed += c.get("failed_checks", 0)
         up += 1 if s.get("up") else 0
     return checks, failed, up, len(servers)
-
-
-def _tail(path: str, n: int = 600) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - n))
-            return f.read().decode(errors="replace").strip().replace("\n", " | ")
-    except OSError:
-        return "(no log)"
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -226,11 +219,7 @@ def run(a: argparse.Namespace) -> dict:
         out["warnings"] = warn
         return out
     finally:
-        b.procs.stop_all()
-        if a.keep_tmp:
-            log(f"kept {b.tmp}")
-        else:
-            shutil.rmtree(b.tmp, ignore_errors=True)
+        stop_and_clean(b.procs, b.tmp, a.keep_tmp)
 
 
 def print_result(r: dict) -> None:
@@ -261,11 +250,7 @@ def print_result(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-
-    def on_signal(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
+    sigterm_as_interrupt()
     if not shutil.which("mosquitto"):
         log("error: mosquitto not installed")
         return 1

@@ -1,4 +1,5 @@
-"""Helpers shared by the end-to-end benchmark (benchmarks/e2e.py) and its load generators.
+"""Helpers shared by the end-to-end benchmark (benchmarks/e2e.py), its load generators and
+benchmarks/bench_health.py.
 
 Everything here is loopback-only and bounded: every wait has a deadline, every process that is
 started through `Procs` runs in its own session (process group) and is stopped by `Procs.stop_all`.
@@ -13,6 +14,7 @@ import datetime
 import ipaddress
 import os
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -32,6 +34,25 @@ TLS13_SUITE = "TLS_AES_256_GCM_SHA384"
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def file_tail(path: str, n: int = 600) -> str:
+    """The last n bytes of a (log) file on one line, for an error message; "(no log)" without it."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - n))
+            return f.read().decode(errors="replace").strip().replace("\n", " | ")
+    except OSError:
+        return "(no log)"
+
+
+def sigterm_as_interrupt() -> None:
+    """From now on SIGTERM raises KeyboardInterrupt (in the main thread), so that cleanups run."""
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
 
 
 # --------------------------------------------------------------------------- ports, limits
@@ -154,6 +175,16 @@ class Procs:
                 self.stop(p, timeout=3)
             except Exception as e:  # pragma: no cover - best effort at exit
                 log(f"warning: stopping pid {p.pid}: {e}")
+
+
+def stop_and_clean(procs: Procs, tmp: str, keep_tmp: bool) -> None:
+    """The end of a benchmark run: stop every process of `procs`, then remove the scratch
+    directory `tmp` (or, with keep_tmp, say where it is)."""
+    procs.stop_all()
+    if keep_tmp:
+        log(f"kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     cpu_busy_fraction,
     cpu_delta_s,
     environment,
+    file_tail,
     free_port,
     gen_certs,
     group_cpu,
@@ -49,6 +50,8 @@ from common import (  # noqa: E402
     median,
     nofile_target,
     own_cpu_s,
+    sigterm_as_interrupt,
+    stop_and_clean,
     system_busy_s,
     wait_port,
 )
@@ -352,7 +355,7 @@ class Bench:
                 time.sleep(0.05)
         except (RuntimeError, TimeoutError) as e:
             self.procs.stop(p)
-            raise BenchError(f"{name} did not start: {e}; log {logp}: {_tail(logp)}") from None
+            raise BenchError(f"{name} did not start: {e}; log {logp}: {file_tail(logp)}") from None
         time.sleep(0.2)
         return p, port
 
@@ -880,15 +883,6 @@ class Bench:
         return res
 
 
-def _tail(path: str, n: int = 600) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - n))
-            return f.read().decode(errors="replace").strip().replace("\n", " | ")
-    except OSError:
-        return "(no log)"
-
-
 # --------------------------------------------------------------------------- orchestration
 
 
@@ -1018,11 +1012,7 @@ def run(a: argparse.Namespace) -> dict:
                     results.append({"round": rnd, "scenario": sc, "proxy": p, **res})
                     log(f"  {sc:8} {p:10} {_brief(sc, res)}")
     finally:
-        b.procs.stop_all()
-        if a.keep_tmp:
-            log(f"kept {b.tmp}")
-        else:
-            shutil.rmtree(b.tmp, ignore_errors=True)
+        stop_and_clean(b.procs, b.tmp, a.keep_tmp)
     return {"proxies": proxies, "skipped": skipped, "results": results, "notes": b.notes,
             "background_busy": b.background,
             "pool_variants": list(pool_variants(a.pool_size)) if "pool" in a.scenarios else [],
@@ -1344,11 +1334,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-
-    def on_signal(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
+    sigterm_as_interrupt()
     env = environment()
     if "fastproxy" in a.only:
         env["fastproxy"] = _fastproxy_build(a.fastproxy_cmd)

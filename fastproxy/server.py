@@ -436,7 +436,8 @@ def _describe(cfg: Config) -> str:
         mode = "TLS" if lc.tls else "TCP"
         if lc.tls and lc.verify != "none":
             mode += f", client certificates {lc.verify}"
-        to = str(lc.upstream) if len(lc.servers) == 1 else f"{len(lc.servers)} servers ({lc.balance})"
+        to = str(lc.upstream) if len(lc.servers) == 1 else (
+            f"{', '.join(str(sv) + (' (backup)' if sv.backup else '') for sv in lc.servers)} ({lc.balance})")
         for a in lc.listen:
             parts.append(f"{a} ({mode}) -> {to}")
     return "; ".join(parts)

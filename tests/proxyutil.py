@@ -872,33 +872,90 @@ def broker_client_ids(log: str) -> list[str]:
     return NEW_CLIENT_RE.findall(log)
 
 
-class EchoServer:
-    """A loopback TCP server that echoes every byte back (not MQTT); counts its connections."""
+class ThreadedServer:
+    """A small threaded test server on loopback (IPv4 or IPv6, by `host`) or on a unix socket
+    (`path`): it listens at once, accepts in a daemon thread (`.thread`) that looks at its stop flag
+    every `poll` seconds, and serves each connection in a daemon thread of its own.
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind((HOST, 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.received = bytearray()
+    Subclasses set up their own fields, then call `super().__init__(...)` (which starts accepting),
+    and implement `handle(conn, peer, state)`; `on_accept(peer)` runs in the accept thread, in
+    accept order, before the connection's thread starts, and its result is `state` (bookkeeping
+    whose order matters goes there). `close()` stops accepting and joins the accept thread (and,
+    with `join_sessions`, each connection's thread) for a bounded time; `self._stop` is set from
+    then on, for sessions that poll it."""
+
+    def __init__(self, host: str = HOST, *, path: str | None = None, backlog: int = 16, poll: float = 0.2,
+                 join_timeout: float = 5.0, join_sessions: float | None = None) -> None:
+        if path:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(path)
+        else:
+            self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.bind((host, 0))
+        self.sock.listen(backlog)
+        self.host = host
+        self.path = path
+        self.port: int = 0 if path else self.sock.getsockname()[1]
+        self._poll = poll
+        self._join_timeout = join_timeout
+        self._join_sessions = join_sessions
         self._stop = threading.Event()
+        self._session_threads: list[threading.Thread] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
+    @property
+    def upstream(self) -> str:
+        """The server as an `--upstream` value."""
+        if self.path:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def on_accept(self, peer) -> object:
+        return None
+
+    def handle(self, conn: socket.socket, peer, state) -> None:
+        raise NotImplementedError
+
     def _serve(self) -> None:
-        self.sock.settimeout(0.2)
+        self.sock.settimeout(self._poll)
         while not self._stop.is_set():
             try:
-                conn, _ = self.sock.accept()
+                conn, peer = self.sock.accept()
             except (socket.timeout, TimeoutError):
                 continue
             except OSError:
                 return
-            self.accepted += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+            state = self.on_accept(peer)
+            t = threading.Thread(target=self.handle, args=(conn, peer, state), daemon=True)
+            if self._join_sessions is not None:
+                self._session_threads.append(t)
+            t.start()
 
-    def _echo(self, conn: socket.socket) -> None:
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.thread.join(self._join_timeout)
+        if self._join_sessions is not None:
+            for t in self._session_threads:
+                t.join(self._join_sessions)
+
+
+class EchoServer(ThreadedServer):
+    """A loopback TCP server that echoes every byte back (not MQTT); counts its connections."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.received = bytearray()
+        super().__init__()
+
+    def on_accept(self, peer) -> None:
+        self.accepted += 1
+
+    def handle(self, conn: socket.socket, peer, state) -> None:
         conn.settimeout(30)
         with conn:
             try:
@@ -912,45 +969,22 @@ class EchoServer:
             except OSError:
                 return
 
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self.thread.join(5)
 
-
-class FakeBroker:
+class FakeBroker(ThreadedServer):
     """A loopback 'broker' that answers CONNECT with CONNACK 0 (in the client's version),
     PINGREQ with PINGRESP, never closes on its own and never times anyone out; keeps what
     each connection sent. For timing tests where Mosquitto's own keepalive would interfere."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind((HOST, 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
         self.conns: list[bytearray] = []
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    @property
-    def upstream(self) -> str:
-        return f"{HOST}:{self.port}"
+    def on_accept(self, peer) -> bytearray:
+        got = bytearray()
+        self.conns.append(got)
+        return got
 
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except (socket.timeout, TimeoutError):
-                continue
-            except OSError:
-                return
-            got = bytearray()
-            self.conns.append(got)
-            threading.Thread(target=self._session, args=(conn, got), daemon=True).start()
-
-    def _session(self, conn: socket.socket, got: bytearray) -> None:
+    def handle(self, conn: socket.socket, peer, got: bytearray) -> None:
         conn.settimeout(60)
         with conn:
             try:
@@ -969,11 +1003,6 @@ class FakeBroker:
                     first = False
             except (OSError, ConnectionError):
                 return
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self.thread.join(5)
 
 
 def paho_connack(port: int, certs: Certs, client_id: str, *, version: int = 4, certfile: str | None = None,

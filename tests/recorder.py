@@ -15,8 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from fastproxy import proxy_protocol as pp
-
-HOST = "127.0.0.1"
+from proxyutil import HOST, ThreadedServer
 
 
 @dataclass
@@ -61,46 +60,23 @@ def _split_packet(buf: bytes | bytearray, off: int) -> int:
     return end if end <= len(buf) else -1
 
 
-class Recorder:
+class Recorder(ThreadedServer):
     """A loopback TCP server recording what its clients send (see the module docstring)."""
 
     def __init__(self, host: str = HOST, *, answer: bool = True) -> None:
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(fam, socket.SOCK_STREAM)
-        self.sock.bind((host, 0))
-        self.sock.listen(32)
-        self.host = host
-        self.port = self.sock.getsockname()[1]
         self.answer = answer
         self.conns: list[Recording] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._accept_thread = threading.Thread(target=self._serve, daemon=True)
-        self._accept_thread.start()
-
-    @property
-    def upstream(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        super().__init__(host, backlog=32, poll=0.1, join_timeout=5, join_sessions=2)
 
     # -- server side
-    def _serve(self) -> None:
-        self.sock.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn, peer = self.sock.accept()
-            except (socket.timeout, TimeoutError):
-                continue
-            except OSError:
-                return
-            rec = Recording(peer=peer)
-            with self._lock:
-                self.conns.append(rec)
-            t = threading.Thread(target=self._session, args=(conn, rec), daemon=True)
-            self._threads.append(t)
-            t.start()
+    def on_accept(self, peer) -> Recording:
+        rec = Recording(peer=peer)
+        with self._lock:
+            self.conns.append(rec)
+        return rec
 
-    def _session(self, conn: socket.socket, rec: Recording) -> None:
+    def handle(self, conn: socket.socket, peer, rec: Recording) -> None:
         conn.settimeout(0.2)
         off = None  # offset of the next MQTT packet once the header is known
         deadline = time.monotonic() + 60
@@ -192,13 +168,3 @@ class Recorder:
             raise AssertionError(f"recorder: connection {n} sent no complete CONNECT within {timeout}s; "
                                  f"received {bytes(rec.data[:200])!r} (header error: {rec.header_error})")
         return rec
-
-    def close(self) -> None:
-        self._stop.set()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        self._accept_thread.join(5)
-        for t in self._threads:
-            t.join(2)

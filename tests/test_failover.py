@@ -148,6 +148,28 @@ def split_by_broker(ids, a, b) -> tuple[list[str], list[str]]:
     return on_a, on_b
 
 
+def hold_spread(port: int, ids: list[str], a, b, track) -> tuple[dict[str, socket.socket], list[str], list[str]]:
+    """A held session per ClientId (see hold_session), once all are in the logs of brokers a and b:
+    the sockets by ClientId, and the ClientIds on a and on b (the hash must have used both)."""
+    socks = {c: hold_session(port, c, track) for c in ids}
+    U.wait_until(lambda: len(set(client_ids(a)) | set(client_ids(b))) >= len(ids), 5,
+                 what=f"all {len(ids)} ClientIds in the brokers' logs")
+    on_a, on_b = split_by_broker(ids, a, b)
+    assert on_a and on_b, f"the ClientId hash put everything on one broker: A={on_a} B={on_b}"
+    return socks, on_a, on_b
+
+
+def reopen_on(broker, socks: dict[str, socket.socket], ids: list[str], port: int, track) -> None:
+    """Close the sessions of ids and open them again (in socks): they must land on `broker` and
+    carry MQTT (a PINGREQ answered)."""
+    for c in ids:
+        socks[c].close()
+        socks[c] = hold_session(port, c, track)
+    wait_in_log(broker, ids)
+    for c in ids:
+        assert ping_ok(socks[c])
+
+
 # ----------------------------------------------------------------------------- 1. SIGSTOP + shutdown-sessions
 
 
@@ -161,11 +183,7 @@ def test_sigstop_marks_down_closes_its_sessions_and_clients_fail_over_and_return
     wait_server_up(admin, a.upstream, True)
 
     ids = [f"fo-stop-{i:02d}" for i in range(20)]
-    socks = {c: hold_session(port, c, raw_sockets) for c in ids}
-    U.wait_until(lambda: len(set(client_ids(a)) | set(client_ids(b))) >= len(ids), 5,
-                 what="all 20 ClientIds in the brokers' logs")
-    on_a, on_b = split_by_broker(ids, a, b)
-    assert on_a and on_b, f"the ClientId hash put everything on one broker: A={on_a} B={on_b}"
+    socks, on_a, on_b = hold_spread(port, ids, a, b, raw_sockets)
 
     with stopped(a):
         wait_stderr(proxy, rf"server {re.escape(a.upstream)} is DOWN after 2 failed checks")
@@ -189,12 +207,7 @@ def test_sigstop_marks_down_closes_its_sessions_and_clients_fail_over_and_return
         assert st["counters"].get("closed_upstream_down") == len(on_a), st["counters"]
 
         # the clients of A come back at once and land on B
-        for c in on_a:
-            socks[c].close()
-            socks[c] = hold_session(port, c, raw_sockets)
-        wait_in_log(b, on_a)
-        for c in on_a:
-            assert ping_ok(socks[c])
+        reopen_on(b, socks, on_a, port, raw_sockets)
 
     # A runs again: after `rise` good checks it is UP, and its ClientIds return to it
     wait_stderr(proxy, rf"server {re.escape(a.upstream)} is UP after 2 good checks")
@@ -221,11 +234,7 @@ def test_broker_killed_mid_session_closes_client_and_retry_lands_on_the_other(
     proxy = run_fastproxy(*listen, *_pool(a, b), "--health-interval", "0")
 
     ids = [f"fo-kill-{i}" for i in range(8)]
-    socks = {c: hold_session(port, c, raw_sockets) for c in ids}
-    U.wait_until(lambda: len(set(client_ids(a)) | set(client_ids(b))) >= len(ids), 5,
-                 what="all ClientIds in the brokers' logs")
-    on_a, on_b = split_by_broker(ids, a, b)
-    assert on_a and on_b, f"the ClientId hash put everything on one broker: A={on_a} B={on_b}"
+    socks, on_a, on_b = hold_spread(port, ids, a, b, raw_sockets)
 
     a.proc.kill()
     a.proc.wait(5)
@@ -236,12 +245,7 @@ def test_broker_killed_mid_session_closes_client_and_retry_lands_on_the_other(
         assert ping_ok(socks[c])
 
     # no health checks: the reconnect is refused by A's dead port and retried on B
-    for c in on_a:
-        socks[c].close()
-        socks[c] = hold_session(port, c, raw_sockets)
-    wait_in_log(b, on_a)
-    for c in on_a:
-        assert ping_ok(socks[c])
+    reopen_on(b, socks, on_a, port, raw_sockets)
     assert "is DOWN" not in proxy.stderr()  # nothing was checked: this was the retry path
 
 
@@ -521,38 +525,17 @@ def test_source_pool_beats_ephemeral_port_exhaustion_in_a_netns(tmp_path):
 # ----------------------------------------------------------------------------- 6. health checks + PROXY v2
 
 
-class ProxyV2Broker:
+class ProxyV2Broker(U.ThreadedServer):
     """A fake broker that wants a PROXY v2 header first: parses it with fastproxy.proxy_protocol,
     then the CONNECT; answers CONNACK 0, PINGRESP; records (header, ClientId) per connection."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind((HOST, 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.seen: list[tuple[pp.ProxyHeader | None, str | None, tuple[str, int]]] = []
         self.errors: list[str] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(HOST, backlog=64)
 
-    @property
-    def upstream(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, peer = self.sock.accept()
-            except (socket.timeout, TimeoutError):
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(conn, peer), daemon=True).start()
-
-    def _session(self, conn: socket.socket, peer) -> None:
+    def handle(self, conn: socket.socket, peer, state) -> None:
         conn.settimeout(10)
         header, cid = None, None
         with conn:
@@ -598,11 +581,6 @@ class ProxyV2Broker:
 
     def checks(self):
         return [(h, c) for h, c, _ in self.records() if c and c.startswith(CHECK_PREFIX)]
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self.thread.join(5)
 
 
 @pytest.fixture

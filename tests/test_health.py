@@ -108,7 +108,7 @@ class Session:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-class CheckServer:
+class CheckServer(U.ThreadedServer):
     """A loopback (or unix-socket) server for the checker: keeps what each connection sent and
     answers its first bytes with `reply` (None: never answer; b"": close at once), then reads
     until the checker closes (or, with close=True, closes right after the reply)."""
@@ -116,29 +116,16 @@ class CheckServer:
     def __init__(self, reply: bytes | None = CONNACK_OK, *, close: bool = False, path: str | None = None) -> None:
         self.reply = reply
         self.close_after_reply = close
-        self.sock = socket.socket(socket.AF_UNIX if path else socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(path or (U.HOST, 0))
-        self.sock.listen(16)
-        self.address = Address(path=path) if path else Address(U.HOST, self.sock.getsockname()[1])
         self.sessions: list[Session] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__(path=path, poll=0.1, join_timeout=3)
+        self.address = Address(path=path) if path else Address(U.HOST, self.port)
 
-    def _serve(self) -> None:
-        self.sock.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn, peer = self.sock.accept()
-            except (socket.timeout, TimeoutError):
-                continue
-            except OSError:
-                return
-            s = Session(peer, accepted_at=time.monotonic())
-            self.sessions.append(s)
-            threading.Thread(target=self._session, args=(conn, s), daemon=True).start()
+    def on_accept(self, peer) -> Session:
+        s = Session(peer, accepted_at=time.monotonic())
+        self.sessions.append(s)
+        return s
 
-    def _session(self, conn: socket.socket, s: Session) -> None:
+    def handle(self, conn: socket.socket, peer, s: Session) -> None:
         conn.settimeout(5)
         try:
             with conn:
@@ -162,11 +149,6 @@ class CheckServer:
         s = self.sessions[n]
         assert s.done.wait(timeout), "the checker did not close its connection"
         return s
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self._thread.join(3)
 
 
 @pytest.fixture
