@@ -328,3 +328,28 @@ def test_error_log_file_and_level(mosquitto, run_fastproxy, tmp_path):
     s.close()
     assert fp.stop() == 0
     assert "listening on" not in (quiet_log.read_text() if quiet_log.exists() else "")
+
+
+def test_status_command(mosquitto, run_fastproxy, tmp_path):
+    """`fastproxy status` finds the admin address on the command line or in the config file, and
+    says clearly when nothing answers there."""
+    import json
+
+    admin = U.free_port()
+    port = U.free_port()
+    run_fastproxy("--listen", f"127.0.0.1:{port}", "--upstream", mosquitto.upstream, "--admin", f"127.0.0.1:{admin}")
+    U.wait_until(lambda: U.can_connect(U.HOST, admin), 10, what="admin endpoint")
+    cfg = tmp_path / "fp.toml"
+    cfg.write_text(f'listen = "127.0.0.1:{port}"\nupstream = "{mosquitto.upstream}"\nadmin = "127.0.0.1:{admin}"\n')
+    for args in (["--admin", f"127.0.0.1:{admin}"], ["-c", str(cfg)]):
+        r = U.run_cli("status", *args)
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)
+        assert [s["server"] for s in st["servers"]] == [mosquitto.upstream] and st["servers"][0]["up"] is True
+    dead = U.free_port()
+    r = U.run_cli("status", "--admin", f"127.0.0.1:{dead}", "--timeout", "2")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("fastproxy status: ") and f"127.0.0.1:{dead}" in r.stderr
+    cfg.write_text(f'listen = "127.0.0.1:{port}"\nupstream = "{mosquitto.upstream}"\n')
+    r = U.run_cli("status", "-c", str(cfg))
+    assert r.returncode == 2 and "sets no admin address" in r.stderr
