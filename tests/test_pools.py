@@ -560,3 +560,68 @@ def test_config_file_pool_is_served(mosquitto_factory, run_fastproxy, tmp_path):
         assert connack(p.port, f"file-{i}") == CONNACK_OK
     cs = where([a, b], "file-", 5)
     assert [len(c) for c in cs] == [5, 0], cs
+
+
+# ----------------------------------------------------------------------------- retry and PROXY headers
+
+
+def test_retry_drops_the_header_of_the_failed_server(mosquitto, run_fastproxy):
+    """The dead first choice wants a PROXY header, the broker retried next wants none (Mosquitto
+    2.0 closes on a PROXY header): the retried CONNECT must go out without it."""
+    dead = f"{HOST}:{dead_port()}"
+    p = serve(run_fastproxy, [f"{dead},proxy-protocol=v2", mosquitto.upstream], "--health-interval", "0")
+    ids = [f"pp-retry-{i:02d}" for i in range(30)]
+    n_dead = predict(ids, [dead, mosquitto.upstream]).count(dead)
+    assert 3 <= n_dead <= 27
+    assert [connack(p.port, c) for c in ids] == [CONNACK_OK] * len(ids)
+    assert len(where([mosquitto], "pp-retry-", len(ids))[0]) == len(ids)
+
+
+class _HeaderRecorder(U.ThreadedServer):
+    """Reads one PROXY v2 header and the CONNECT after it, keeps both, answers CONNACK 0."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[object, bytes]] = []
+        super().__init__()
+
+    def handle(self, conn: socket.socket, peer, state) -> None:
+        from fastproxy import proxy_protocol as pp
+
+        conn.settimeout(5)
+        with conn:
+            buf = b""
+            try:
+                while True:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    buf += chunk
+                    hdr = pp.parse(buf)
+                    if hdr is not None and len(buf) > hdr.length + 1 and len(buf) >= hdr.length + 2 + buf[hdr.length + 1]:
+                        break
+                self.seen.append((hdr, buf[hdr.length:]))
+                conn.sendall(CONNACK_OK)
+                conn.recv(16)
+            except (OSError, ValueError):
+                return
+
+
+def test_retry_sends_one_header_to_the_next_server(run_fastproxy):
+    """Listener-level PROXY v2, first choice dead: the server that answers gets exactly one header
+    (built again for it) followed directly by the client's CONNECT."""
+    rec = _HeaderRecorder()
+    try:
+        dead = f"{HOST}:{dead_port()}"
+        p = serve(run_fastproxy, [dead, rec.upstream], "--proxy-protocol", "v2", "--health-interval", "0")
+        ids = [c for c in (f"hdr-{i:02d}" for i in range(40)) if predict([c], [dead, rec.upstream])[0] == dead][:5]
+        assert len(ids) == 5
+        for c in ids:
+            assert connack(p.port, c) == CONNACK_OK, c
+        U.wait_until(lambda: len(rec.seen) == 5, 10, what="5 sessions at the recorder")
+        for hdr, rest in rec.seen:
+            # the client's addresses: where it came from, and the proxy address it reached
+            assert hdr.command == "PROXY" and hdr.dst == (HOST, p.port) and hdr.src[0] == HOST, hdr
+            assert rest[:1] == b"\x10" and rest[1] == len(rest) - 2, rest   # the CONNECT, nothing between
+        assert sorted(r[1] for r in rec.seen) == sorted(U.connect_packet(c) for c in ids)
+    finally:
+        rec.close()
