@@ -167,7 +167,7 @@ class Proxy:
         self._log_failures = server_log.isEnabledFor(logging.INFO)
         self.refusals: Counter[str] = Counter()
         self._gates: list[ConnectGate | None] = []
-        # upstream index -> (listener config, server); named (policy) upstreams map to None
+        # engine upstream index -> (listener, server) for pool servers (named upstreams are in _named)
         self._servers: dict[int, tuple[ListenerConfig, ServerConfig]] = {}
         self._checkers: list[Any] = []
         self.engine = eng.Engine(on_close=self._on_close, on_connect=self._on_connect,
@@ -230,12 +230,9 @@ class Proxy:
     def _add_server(self, lc: ListenerConfig, sv: ServerConfig) -> int:
         a = sv.address
         pp = -1 if sv.proxy_protocol is None else PROXY_PROTOCOL_MODES.index(sv.proxy_protocol)
-        opts = dict(weight=sv.weight, backup=sv.backup, maxconn=sv.max_connections, proxy_protocol=pp, key=str(a))
-        if a.is_unix:
-            assert a.path is not None
-            idx = int(self.engine.add_upstream(socket.AF_UNIX, a.path, 0, **opts))
-        else:
-            idx = int(self.engine.add_upstream(a.family, a.host, a.port, **opts))
+        # key: the address text, so every proxy listing this server ranks it the same way
+        idx = self._add_upstream(a, weight=sv.weight, backup=sv.backup, maxconn=sv.max_connections,
+                                 proxy_protocol=pp, key=str(a))
         self._servers[idx] = (lc, sv)
         return idx
 
@@ -261,11 +258,11 @@ class Proxy:
             upstream_log.warning("%s: closing %d session(s) on %s (on_marked_down shutdown-sessions)", lc.name, n, sv)
             self.engine.shutdown_sessions(target.index)
 
-    def _add_upstream(self, a: Address) -> int:
+    def _add_upstream(self, a: Address, **opts: Any) -> int:
         if a.is_unix:
             assert a.path is not None
-            return self.engine.add_upstream(socket.AF_UNIX, a.path, 0)
-        return self.engine.add_upstream(a.family, a.host, a.port)
+            return int(self.engine.add_upstream(socket.AF_UNIX, a.path, 0, **opts))
+        return int(self.engine.add_upstream(a.family, a.host, a.port, **opts))
 
     # -- per-connection callbacks from the engine (with the GIL, once per connection)
     def _on_connect(self, rec: tuple) -> tuple:
