@@ -685,6 +685,8 @@ def _pool_settings(ctx: _Ctx, vals: dict[str, Any]) -> None:
         vals["health_interval"] = C.HEALTH_INTERVAL_S   # a pool is checked unless told otherwise
     if vals.get("on_marked_down", "none") != "none" and not vals.get("health_interval"):
         raise ctx.error("on_marked_down", "needs health checks (health_interval > 0)")
+    if 0 < vals.get("health_interval", 0) < 0.05:
+        raise ctx.error("health_interval", "must be 0 (no checks) or at least 50ms")
     if vals.get("health_timeout", 1.0) <= 0:
         raise ctx.error("health_timeout", "must be greater than 0")
     sources = vals.get("upstream_source", ())

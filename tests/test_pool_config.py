@@ -115,3 +115,10 @@ def test_source_address_must_be_local():
     bad = build_config({**BASE, "upstream": "127.0.0.1:1", "upstream_source": "192.0.2.77"})
     with pytest.raises(ConfigError, match=r"--upstream-source: cannot use 192.0.2.77 as a source address"):
         check_config(bad)
+
+
+def test_health_interval_bounds():
+    with pytest.raises(ConfigError, match="--health-interval: must be 0 .no checks. or at least 50ms"):
+        cfg(upstream=["127.0.0.1:1883", "127.0.0.1:1884"], health_interval="10ms")
+    with pytest.raises(ConfigError, match="--health-timeout: must be greater than 0"):
+        cfg(upstream=["127.0.0.1:1883", "127.0.0.1:1884"], health_timeout="0")
