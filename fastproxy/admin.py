@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Sequence, TextIO, cast
 from urllib.parse import urlsplit
 
+from .config import parse_admin_address
 from .errors import FastproxyError
 
 log = logging.getLogger("fastproxy")
@@ -244,29 +245,13 @@ class AdminServer:
 # ----------------------------------------------------------------------------- client
 
 
-def _parse_address(address: str) -> tuple[str, int]:
-    """'8404' -> 127.0.0.1:8404; 'host:port'; '[v6]:port'; ':port' -> 127.0.0.1:port."""
-    a = address.strip()
-    if a.isdigit():
-        host, port_s = _DEFAULT_HOST, a
-    elif a.startswith("["):
-        end = a.find("]")
-        if end < 0 or not a[end + 1 :].startswith(":"):
-            raise AdminError(f"bad admin address {address!r}: expected [v6]:port")
-        host, port_s = a[1:end], a[end + 2 :]
-    else:
-        host, sep, port_s = a.rpartition(":")
-        if not sep or ":" in host:
-            raise AdminError(f"bad admin address {address!r}: expected host:port, [v6]:port or port")
-        host = host or _DEFAULT_HOST
-    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
-        raise AdminError(f"bad admin address {address!r}: port must be 1-65535")
-    return host, int(port_s)
-
-
 def fetch_status(address: str, timeout: float = 5.0) -> dict:
     """GET /status from a running fastproxy's admin endpoint; AdminError says why it could not."""
-    host, port = _parse_address(address)
+    try:
+        a = parse_admin_address(address)
+    except ValueError as e:
+        raise AdminError(f"bad admin address {address!r}: {e}") from None
+    host, port = a.host, a.port
     where = _display(host, port)
     unreachable = f"cannot reach the admin endpoint at {where}"
     conn = http.client.HTTPConnection(host, port, timeout=timeout)

@@ -399,6 +399,20 @@ def parse_server(value: Any) -> ServerConfig:
     return ServerConfig(**vals)
 
 
+def parse_admin_address(value: Any) -> Address:
+    """The admin endpoint's address, for the server and for `fastproxy status`: 'host:port',
+    '[v6]:port', or a port alone ('8404', ':8404') on 127.0.0.1. Loopback only: the endpoint
+    has no authentication. Raises ValueError."""
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+    if isinstance(text, str) and text.lstrip(":").isdigit() and text.count(":") <= 1:
+        text = f"127.0.0.1:{text.lstrip(':')}"
+    a = parse_address(text)
+    if a.is_unix or not a.is_loopback:
+        raise ValueError(f"{a} is not a loopback address: the admin endpoint has no authentication, "
+                         "so it listens on 127.0.0.1 or ::1 only")
+    return a
+
+
 def parse_sources(value: Any) -> tuple[str, ...]:
     """Source addresses: a list, a comma-separated string, and/or ranges 'a-b' of IPv4 or
     IPv6 addresses ('127.0.0.2-127.0.0.17'). Raises ValueError."""
@@ -487,12 +501,7 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
                 raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
             return value
         if kind == "admin":
-            a = parse_address(value if not (isinstance(value, (str, int)) and str(value).isdigit())
-                              else f"127.0.0.1:{value}")
-            if not a.is_loopback or a.is_unix:
-                raise ValueError(f"{a} is not a loopback address: the admin endpoint has no authentication, "
-                                 "so it listens on 127.0.0.1 or ::1 only")
-            return a
+            return parse_admin_address(value)
         if kind == "addresses":
             items = value if isinstance(value, list) else [value]
             if not items:
