@@ -387,9 +387,13 @@ cdef int pick_server(Listener* l, Upstream* ups, Conn* c, int* why) noexcept nog
     return -1
 
 
-def hash64(data: bytes) -> int:
-    """The balancer's 64-bit hash of ClientIds and server keys (stable everywhere)."""
-    return fp_hash64(<const char*>data, len(data))
+cdef inline void _note_weights(Listener* l, Upstream* ups) noexcept nogil:
+    # All weights equal: the hash modes compare draws as integers (exact on every platform).
+    cdef int i
+    l.equal_weights = 1
+    for i in range(1, l.n_pool):
+        if ups[l.pool[i]].weight != ups[l.pool[0]].weight:
+            l.equal_weights = 0
 
 
 cdef class _SimPool:
@@ -413,7 +417,6 @@ cdef class _SimPool:
             raise MemoryError()
         self.l.balance = <uint8_t>balance
         self.l.n_pool = n
-        self.l.equal_weights = 1
         for i in range(n):
             k = server_keys[i]
             self.l.pool[i] = i
@@ -423,8 +426,7 @@ cdef class _SimPool:
                 raise ValueError("weight must be 1..256")
             self.ups[i].up = up[i] if up is not None else 1
             self.ups[i].backup = backup[i] if backup is not None else 0
-            if self.ups[i].weight != self.ups[0].weight:
-                self.l.equal_weights = 0
+        _note_weights(self.l, self.ups)
 
     def __dealloc__(self):
         free(self.l)
@@ -663,7 +665,7 @@ cdef class Engine:
         cdef epoll_event ev
         cdef sockaddr_in* a4
         cdef sockaddr_in6* a6
-        cdef int i
+        cdef int i, err
         cdef bytes packed_b
         if self.n_listeners >= MAX_LISTENERS:
             raise ValueError("too many listeners")
@@ -677,36 +679,19 @@ cdef class Engine:
             raise ValueError("unknown balance mode")
         if len(source_addresses) > MAX_SOURCES:
             raise ValueError(f"at most {MAX_SOURCES} source addresses")
+        sources = [(fam, bytes(packed)) for fam, packed in source_addresses]
+        for fam, packed_b in sources:
+            if not ((fam == AF_INET and len(packed_b) == 4) or (fam == AF_INET6 and len(packed_b) == 16)):
+                raise ValueError("bad source address")
         l = &self.listeners[self.n_listeners]
         memset(l, 0, sizeof(Listener))
         l.fd = fd
         l.n_pool = len(pool)
-        l.equal_weights = 1
         for i in range(l.n_pool):
             l.pool[i] = pool[i]
-            if self.upstreams[pool[i]].weight != self.upstreams[pool[0]].weight:
-                l.equal_weights = 0
+        _note_weights(l, self.upstreams)
         l.balance = <uint8_t>balance
         l.retries = <uint8_t>min(max(retries, 0), 255)
-        if source_addresses:
-            l.src = <sockaddr_storage*>calloc(len(source_addresses), sizeof(sockaddr_storage))
-            if l.src == NULL:
-                raise MemoryError()
-            for fam, packed in source_addresses:
-                packed_b = bytes(packed)
-                if fam == AF_INET and len(packed_b) == 4:
-                    a4 = <sockaddr_in*>&l.src[l.n_src]
-                    a4.sin_family = AF_INET
-                    memcpy(&a4.sin_addr, <char*>packed_b, 4)
-                elif fam == AF_INET6 and len(packed_b) == 16:
-                    a6 = <sockaddr_in6*>&l.src[l.n_src]
-                    a6.sin6_family = AF_INET6
-                    memcpy(&a6.sin6_addr, <char*>packed_b, 16)
-                else:
-                    free(l.src)
-                    l.src = NULL
-                    raise ValueError("bad source address")
-                l.n_src += 1
         l.ssl_ctx = NULL
         if tls is not None:
             l.ssl_ctx = <SSL_CTX*>PyCapsule_GetPointer(tls.capsule(), b"fastproxy.SSL_CTX")
@@ -745,12 +730,31 @@ cdef class Engine:
         import fcntl
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | _os.O_NONBLOCK)
+        # Allocated last: every failure above leaves nothing to free (the slot is not counted
+        # until the end, and the next add_listener reuses it).
+        if sources:
+            l.src = <sockaddr_storage*>calloc(len(sources), sizeof(sockaddr_storage))
+            if l.src == NULL:
+                raise MemoryError()
+            for fam, packed_b in sources:
+                if fam == AF_INET:
+                    a4 = <sockaddr_in*>&l.src[l.n_src]
+                    a4.sin_family = AF_INET
+                    memcpy(&a4.sin_addr, <char*>packed_b, 4)
+                else:
+                    a6 = <sockaddr_in6*>&l.src[l.n_src]
+                    a6.sin6_family = AF_INET6
+                    memcpy(&a6.sin6_addr, <char*>packed_b, 16)
+                l.n_src += 1
         # Level-triggered: a listener left with pending connections after ACCEPT_BATCH
         # is reported again on the next wait.
         ev.events = EPOLLIN
         ev.data.u64 = (<uint64_t>self.n_listeners << 3) | TAG_LISTENER
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-            raise OSError(fp_errno(), "epoll_ctl: " + _os.strerror(fp_errno()))
+            err = fp_errno()
+            free(l.src)
+            l.src = NULL
+            raise OSError(err, "epoll_ctl: " + _os.strerror(err))
         l.in_epoll = 1
         self.n_listeners += 1
         return self.n_listeners - 1
@@ -1486,11 +1490,11 @@ cdef class Engine:
         """Socket, source address, connect. Returns 0 (connected), EINPROGRESS, or the errno of
         the failure (c.up.fd may be open: the caller closes it)."""
         cdef Listener* l = &self.listeners[c.listener]
-        cdef int fd, err, k, n_try = 1
+        cdef int fd, err, k
+        cdef bint use_src = l.n_src > 0 and u.family != AF_UNIX
+        cdef int n_try = l.n_src if use_src else 1
         cdef sockaddr_storage* src = NULL
         cdef epoll_event ev
-        if l.n_src and u.family != AF_UNIX:
-            n_try = l.n_src
         for k in range(n_try):
             fd = socket(u.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
             if fd < 0:
@@ -1498,7 +1502,7 @@ cdef class Engine:
             c.up.fd = fd
             if u.family != AF_UNIX:
                 setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &ONE, sizeof(int))
-            if l.n_src and u.family != AF_UNIX:
+            if use_src:
                 src = &l.src[l.src_next % <uint32_t>l.n_src]
                 l.src_next += 1
                 if src.ss_family == u.family:
@@ -2042,9 +2046,6 @@ cdef class Engine:
         self._account(c, reason, c.err)
         if c.closed:
             return      # the record hook failed; the loop is stopping
-        if c.up.fd >= 0:
-            close(c.up.fd)
-            c.up.fd = -1
         if c.cl.ssl != NULL and c.handshake_done and not c.ssl_fatal:
             SSL_shutdown(c.cl.ssl)
             ERR_clear_error()

@@ -71,7 +71,6 @@ class Engine:
     def run(self) -> None: ...
 
 
-def hash64(data: bytes) -> int: ...
 def pick_many(
     items: Sequence[bytes],
     server_keys: Sequence[bytes],
