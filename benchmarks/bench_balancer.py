@@ -33,7 +33,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, log  # noqa: E402
+from common import comma_choices, environment, log  # noqa: E402
 
 MODES = ("clientid", "round-robin", "least-conn", "source")
 SERVERS = (1, 3, 10, 64)
@@ -58,18 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=5, help="measurements per cell; the median is reported (default 5)")
     p.add_argument("--json", metavar="FILE", help="write the raw figures and medians as JSON")
     a = p.parse_args(argv)
-    a.modes = [x.strip() for x in a.modes.split(",") if x.strip()]
-    a.weights = [x.strip() for x in a.weights.split(",") if x.strip()]
+    a.modes = comma_choices(p, "--modes", a.modes, MODES, "mode")
+    a.weights = comma_choices(p, "--weights", a.weights, WEIGHTS, "weights")
     try:
         a.servers = [int(x) for x in a.servers.split(",") if x.strip()]
     except ValueError:
         p.error("--servers: a comma list of integers")
-    for m in a.modes:
-        if m not in MODES:
-            p.error(f"--modes: unknown mode {m!r} (choose from {', '.join(MODES)})")
-    for w in a.weights:
-        if w not in WEIGHTS:
-            p.error(f"--weights: unknown {w!r} (choose from {', '.join(WEIGHTS)})")
     if any(not 1 <= n <= 64 for n in a.servers):
         p.error("--servers: pool sizes are 1..64")
     if a.iterations < 1000 or a.repeat < 1:

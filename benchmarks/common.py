@@ -58,6 +58,15 @@ def sigterm_as_interrupt() -> None:
 # --------------------------------------------------------------------------- ports, limits
 
 
+def comma_choices(parser, flag: str, text: str, choices: Sequence[str], what: str) -> list[str]:
+    """A comma-separated option value whose items must be among choices (parser.error if not)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    for x in items:
+        if x not in choices:
+            parser.error(f"{flag}: unknown {what} {x!r} (choose from {', '.join(choices)})")
+    return items
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A currently free TCP port on `host` (the usual bind-to-0 race applies; ports are used at once)."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     Certs,
     Procs,
     best_cpu_s,
+    comma_choices,
     cpu_busy_fraction,
     cpu_delta_s,
     environment,
@@ -1315,14 +1316,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                               ("connect_conns", 3000, 300)):
         if getattr(a, name) is None:
             setattr(a, name, quick if q else full)
-    a.only = [x.strip() for x in a.only.split(",") if x.strip()]
-    a.scenarios = [x.strip() for x in a.scenarios.split(",") if x.strip()]
-    for x in a.only:
-        if x not in PROXIES:
-            p.error(f"--only: unknown proxy {x!r} (choose from {', '.join(PROXIES)})")
-    for x in a.scenarios:
-        if x not in SCENARIOS:
-            p.error(f"--scenarios: unknown scenario {x!r} (choose from {', '.join(SCENARIOS)})")
+    a.only = comma_choices(p, "--only", a.only, PROXIES, "proxy")
+    a.scenarios = comma_choices(p, "--scenarios", a.scenarios, SCENARIOS, "scenario")
     if a.rounds < 1 or a.messages < 1 or a.bulk_mb < 1 or a.idle_conns < 1 or a.connect_conns < 1:
         p.error("--rounds, --messages, --bulk-mb and --idle-conns must be positive")
     if not 2 <= a.pool_size <= 64 or a.pool_clients < 1 or a.pool_msg_size < 1:
