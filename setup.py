@@ -9,6 +9,7 @@ import os
 import sys
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext as _build_ext
 
 try:
     from Cython.Build import cythonize
@@ -51,11 +52,30 @@ if os.environ.get("OPENSSL_INCLUDE"):
     include_dirs.append(os.environ["OPENSSL_INCLUDE"])
 library_dirs = [os.environ["OPENSSL_LIB"]] if os.environ.get("OPENSSL_LIB") else []
 
+# The plain C parsers (MQTT CONNECT, PROXY v1/v2) are compiled once into a static library and
+# linked into each module that calls them: the engine's stages without a Python hop, the
+# wrappers (_mqtt, _proxyproto) for tests and fuzzers.
+PARSERS = ["ext/src/mqtt_connect.c", "ext/src/proxy_v2.c"]
+WITH_PARSERS: set[str] = set()
 
-def ext(name: str, sources: list[str], ssl: bool = False) -> Extension:
-    return Extension(
+
+class build_ext(_build_ext):
+    """Compiles PARSERS once and links the objects into the extensions that ask for them."""
+
+    def build_extensions(self) -> None:
+        objects = self.compiler.compile(PARSERS, output_dir=self.build_temp, macros=macros,
+                                        include_dirs=include_dirs, extra_postargs=cflags)
+        for e in self.extensions:
+            if e.name in WITH_PARSERS:
+                e.extra_objects = list(objects)
+        super().build_extensions()
+
+
+def ext(name: str, *, ssl: bool = False, parsers: bool = False) -> Extension:
+    """fastproxy.<name> from ext/fastproxy/<name>.pyx (its .pxd beside it)."""
+    e = Extension(
         f"fastproxy.{name}",
-        sources,
+        [f"ext/fastproxy/{name}.pyx"],
         include_dirs=include_dirs,
         library_dirs=library_dirs,
         libraries=(["ssl", "crypto"] if ssl else []) + ["m"],
@@ -63,17 +83,25 @@ def ext(name: str, sources: list[str], ssl: bool = False) -> Extension:
         extra_link_args=ldflags,
         define_macros=macros,
     )
+    if parsers:
+        WITH_PARSERS.add(e.name)
+    return e
 
 
-# Plain C parsers live in ext/src and are linked into every module that needs them, so the
-# engine calls them without a Python hop and the wrappers expose them to tests and fuzzers.
+# The engine is one module per stage of a connection's path (ext/fastproxy/_defs.pxd draws it).
 extensions = [
-    ext("_tls", ["ext/_tls.pyx"], ssl=True),
-    ext("_engine", ["ext/_engine.pyx", "ext/src/mqtt_connect.c", "ext/src/proxy_v2.c"], ssl=True),
-]
-extensions += [
-    ext("_mqtt", ["ext/_mqtt.pyx", "ext/src/mqtt_connect.c"]),
-    ext("_proxyproto", ["ext/_proxyproto.pyx", "ext/src/proxy_v2.c"]),
+    ext("_tls", ssl=True),
+    ext("_mqtt", parsers=True),
+    ext("_proxyproto", parsers=True),
+    ext("_balance"),
+    ext("_sim"),
+    ext("_transport", ssl=True),
+    ext("_conn", ssl=True, parsers=True),
+    ext("_relay", ssl=True),
+    ext("_upstream", ssl=True, parsers=True),
+    ext("_identity", ssl=True, parsers=True),
+    ext("_ingress", ssl=True, parsers=True),
+    ext("_engine", ssl=True),
 ]
 
 # FASTPROXY_ONLY=_mqtt,_tls builds a subset (quick iteration on one module).
@@ -102,9 +130,11 @@ if _BUILDING:
     _check_openssl_headers()
 
 setup(
+    cmdclass={"build_ext": build_ext},
     ext_modules=cythonize(
         extensions,
         include_path=["ext", "ext/includes"],
+        nthreads=int(os.environ.get("FASTPROXY_JOBS", "0")) or None,
         language_level=3,
         annotate=os.environ.get("FASTPROXY_ANNOTATE") == "1",
         compiler_directives={

@@ -44,7 +44,7 @@ def _engine():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if repo not in sys.path:
         sys.path.insert(0, repo)
-    from fastproxy import _engine
+    from fastproxy import _sim as _engine
 
     return _engine
 

@@ -497,7 +497,7 @@ class Bench:
         try:
             if REPO not in sys.path:
                 sys.path.insert(0, REPO)
-            from fastproxy import _engine  # noqa: PLC0415
+            from fastproxy import _sim as _engine  # noqa: PLC0415
             pick_many = _engine.pick_many
         except (ImportError, AttributeError):
             return [f"{prefix}-{i}" for i in range(k)], None

@@ -11,16 +11,22 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING
+
 from .config import Address, Config, ListenerConfig, build_config, load_config
 from .errors import ConfigError, EngineError, EngineNotBuiltError, FastproxyError, TLSConfigError
+from .record import Record
 
+if TYPE_CHECKING:  # what mypy sees; at run time __getattr__ below imports them on first use
+    from .server import Proxy, check_config, serve
+else:
 
-def __getattr__(name: str):  # lazy: importing the package must not need the compiled engine
-    if name in ("Proxy", "serve", "check_config"):
-        from . import server
+    def __getattr__(name: str) -> object:  # lazy: importing the package must not need the compiled engine
+        if name in ("Proxy", "serve", "check_config"):
+            from . import server
 
-        return getattr(server, name)
-    raise AttributeError(name)
+            return getattr(server, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -32,6 +38,7 @@ __all__ = [
     "FastproxyError",
     "ListenerConfig",
     "Proxy",
+    "Record",
     "TLSConfigError",
     "build_config",
     "check_config",

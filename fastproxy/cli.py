@@ -6,12 +6,17 @@ Every listener/global setting has one flag and one config-file key (`--tls-cert`
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
 import sys
+import traceback
 from typing import Any, Sequence
 
 from . import __version__
 from .config import Config, build_config, flag_for, load_config
 from .errors import ConfigError, FastproxyError
+from .log import ROOT
 
 # Flags that map to config keys; the dest is the key name.
 _VALUE_FLAGS: list[tuple[str, str, str]] = [
@@ -45,6 +50,11 @@ _VALUE_FLAGS: list[tuple[str, str, str]] = [
     ("error_log", "PATH|-", "error log file, '-' for stderr (default -)"),
     ("log_level", "LEVEL", "debug, info, warning or error (default info)"),
     ("max_connections", "N", "per-worker connection limit (default 100000)"),
+    ("policy_threads", "N", "threads that run policy hooks, per worker (default 4)"),
+    ("policy_timeout", "DUR", "a policy hook that has not answered within this refuses the client: "
+                              "CONNACK 0x88 (3.x: 0x03), reason policy-timeout (default 5s)"),
+    ("record_queue", "N", "access-log records waiting for the records thread; beyond this they are dropped "
+                          "and counted (default 65536)"),
     ("balance", "MODE", "how a pool of --upstream servers is shared: clientid (default with MQTT), round-robin, least-conn, source"),
     ("retries", "N", "further servers tried when connecting to the chosen one fails (default 3)"),
     ("upstream_source", "ADDRS", "local source addresses for broker connections, used round-robin: a-b range or list (HAProxy's source)"),
@@ -163,8 +173,6 @@ def _platform_tag() -> str:
     try:
         from importlib.metadata import distribution
 
-        import os
-
         dist = distribution("fastproxy")
         here = os.path.dirname(os.path.abspath(__file__))
         if os.path.realpath(str(dist.locate_file("fastproxy"))) != os.path.realpath(here):
@@ -179,7 +187,6 @@ def _platform_tag() -> str:
 
 
 def _cmd_version() -> int:
-    import os
     import platform
 
     from .tls import openssl_version
@@ -239,8 +246,35 @@ def _cmd_status(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    ns = parser.parse_args(argv)
+    """The `fastproxy` command; returns the exit status. Never prints a traceback, except for an
+    unexpected error at --log-level debug."""
+    ns: argparse.Namespace | None = None
+    try:
+        parser = _parser()
+        ns = parser.parse_args(argv)
+        code = _run(parser, ns)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`fastproxy version | head -1`). Python would report the EPIPE
+        # again when it flushes stdout at exit: point stdout at /dev/null (the Python docs'
+        # recipe) and end like a process killed by SIGPIPE, quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback only when asked for
+        debug = getattr(ns, "log_level", None) == "debug" or logging.getLogger(ROOT).isEnabledFor(logging.DEBUG)
+        print(f"fastproxy: unexpected error: {type(e).__name__}: {e}"
+              + ("" if debug else " (--log-level debug shows the traceback)"), file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        return 1
+
+
+def _run(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     if ns.command is None:
         parser.print_help()
         return 2
@@ -261,11 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FastproxyError as e:
         print(f"fastproxy: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise
     except OSError as e:
         print(f"fastproxy: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from . import constants as C
 from .errors import ConfigError
+from .templates import TEMPLATE_FIELDS, template_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,13 +25,13 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CLI_SOURCE = "command line"
-PROXY_PROTOCOL_MODES = ("none", "v1", "v2", "v2-ssl", "v2-ssl-cn")
+# One home for these is constants.py; the names stay importable from here.
+PROXY_PROTOCOL_MODES = C.PROXY_PROTOCOL_MODES
+BALANCE_MODES = C.BALANCE_MODES
+MAX_POOL = C.MAX_POOL
+MAX_SOURCES = C.MAX_SOURCES
 # HAProxy's proxy-v2-options -> the engine's PP2_WANT_* bits (crc32c has its own switch).
 PROXY_PROTOCOL_OPTIONS = {"crc32c": 0, "authority": 0x02, "cert-key": 0x10, "cert-sig": 0x20, "ssl-cipher": 0x40}
-# Upstream pools: the engine's BAL_* order.
-BALANCE_MODES = ("clientid", "round-robin", "least-conn", "source")
-MAX_POOL = 64
-MAX_SOURCES = 256
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class ListenerConfig:
     proxy_protocol: str = "none"
     proxy_protocol_crc32c: bool = False
     proxy_protocol_options: tuple[str, ...] = ()   # HAProxy's proxy-v2-options names
-    proxy_protocol_max_len: int = 500       # Mosquitto 2.1 refuses longer headers
+    proxy_protocol_max_len: int = C.PROXY_PROTOCOL_MAX_LEN
     # PROXY protocol from an outer load balancer (HAProxy's accept-proxy)
     accept_proxy_protocol: bool = False
     trusted_proxies: tuple[str, ...] = ()
@@ -136,7 +137,7 @@ class ListenerConfig:
     @property
     def balance_mode(self) -> int:
         """The engine's code for balance."""
-        return BALANCE_MODES.index(self.balance)
+        return C.BALANCE_MODES.index(self.balance)
 
     @property
     def proxy_protocol_want(self) -> int:
@@ -148,7 +149,7 @@ class ListenerConfig:
     @property
     def proxy_protocol_mode(self) -> int:
         """The engine's code for proxy_protocol."""
-        return PROXY_PROTOCOL_MODES.index(self.proxy_protocol)
+        return C.PROXY_PROTOCOL_MODES.index(self.proxy_protocol)
 
     @property
     def tls(self) -> bool:
@@ -166,6 +167,9 @@ class Config:
     error_log: str = "-"
     log_level: str = "info"
     max_connections: int = C.MAX_CONNECTIONS
+    policy_threads: int = C.POLICY_THREADS       # threads that run policy hooks
+    policy_timeout: float = C.POLICY_TIMEOUT_S   # a hook slower than this refuses the client
+    record_queue: int = C.RECORD_QUEUE           # bound of the engine -> records-thread queue
     upstreams: tuple[tuple[str, Address], ...] = ()   # named upstreams, for policy routing
     admin: Address | None = None        # loopback address of the JSON status endpoint
     source: str = CLI_SOURCE
@@ -225,6 +229,9 @@ _GLOBAL_KEYS: dict[str, str] = {
     "error_log": "log_target",
     "log_level": "log_level",
     "max_connections": "posint",
+    "policy_threads": "posint",
+    "policy_timeout": "duration",
+    "record_queue": "posint",
     "upstreams": "named_addresses",
     "admin": "admin",
 }
@@ -288,8 +295,8 @@ def parse_size(value: Any) -> int:
                                "MiB": 1 << 20, "M": 1 << 20, "MB": 1 << 20}[unit]
     else:
         raise ValueError(f"expected a size such as 65536 or '64KiB', got {value!r}")
-    if not (16 <= n <= 1 << 28):
-        raise ValueError(f"size {n} is out of range 16 bytes - 256 MiB")
+    if not (C.MIN_CONNECT_SIZE <= n <= 1 << 28):
+        raise ValueError(f"size {n} is out of range {C.MIN_CONNECT_SIZE} bytes - 256 MiB")
     return n
 
 
@@ -393,8 +400,8 @@ def parse_server(value: Any) -> ServerConfig:
                 raise ValueError(f"{addr}: max_connections must be a number >= 0, got {v!r}")
             vals["max_connections"] = v
         else:
-            if v not in PROXY_PROTOCOL_MODES:
-                raise ValueError(f"{addr}: proxy_protocol must be one of {', '.join(PROXY_PROTOCOL_MODES)}, got {v!r}")
+            if v not in C.PROXY_PROTOCOL_MODES:
+                raise ValueError(f"{addr}: proxy_protocol must be one of {', '.join(C.PROXY_PROTOCOL_MODES)}, got {v!r}")
             vals["proxy_protocol"] = v
     return ServerConfig(**vals)
 
@@ -430,13 +437,13 @@ def parse_sources(value: Any) -> tuple[str, ...]:
                 raise ValueError(f"{part!r} is not an address or a range of addresses (a-b)") from None
             if lo.version != hi.version or int(hi) < int(lo):
                 raise ValueError(f"bad range {part!r}: expected low-high of one address family")
-            if int(hi) - int(lo) + 1 > MAX_SOURCES:
-                raise ValueError(f"range {part!r} holds more than {MAX_SOURCES} addresses")
+            if int(hi) - int(lo) + 1 > C.MAX_SOURCES:
+                raise ValueError(f"range {part!r} holds more than {C.MAX_SOURCES} addresses")
             out += [str(type(lo)(n)) for n in range(int(lo), int(hi) + 1)]   # ip_address(1) would be v4
     if not out:
         raise ValueError("needs at least one address")
-    if len(out) > MAX_SOURCES:
-        raise ValueError(f"at most {MAX_SOURCES} source addresses")
+    if len(out) > C.MAX_SOURCES:
+        raise ValueError(f"at most {C.MAX_SOURCES} source addresses")
     if len(set(out)) != len(out):
         raise ValueError("an address is listed twice")
     return tuple(out)
@@ -483,8 +490,8 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
             items = value if isinstance(value, list) else [value]
             if not items:
                 raise ValueError("needs at least one server")
-            if len(items) > MAX_POOL:
-                raise ValueError(f"at most {MAX_POOL} servers per listener")
+            if len(items) > C.MAX_POOL:
+                raise ValueError(f"at most {C.MAX_POOL} servers per listener")
             servers = tuple(parse_server(v) for v in items)
             seen = set()
             for sv in servers:
@@ -495,7 +502,7 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
         if kind == "sources":
             return parse_sources(value)
         if kind in ("balance", "health_check", "pp_command", "marked_down"):
-            choices = {"balance": BALANCE_MODES, "health_check": ("mqtt", "tcp"),
+            choices = {"balance": C.BALANCE_MODES, "health_check": ("mqtt", "tcp"),
                        "pp_command": ("proxy", "local"), "marked_down": ("none", "shutdown-sessions")}[kind]
             if value not in choices:
                 raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
@@ -529,8 +536,6 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
         if kind == "size":
             return parse_size(value)
         if kind == "template":
-            from .policy import TEMPLATE_FIELDS, template_fields
-
             if not isinstance(value, str) or not value:
                 raise ValueError(f"expected a template such as '{{cn}}', got {value!r}")
             try:
@@ -542,8 +547,8 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
                 raise ValueError(f"template fields must be among {{{'}, {'.join(TEMPLATE_FIELDS)}}}, got {value!r}")
             return value
         if kind == "pp_mode":
-            if value not in PROXY_PROTOCOL_MODES:
-                raise ValueError(f"expected one of {', '.join(PROXY_PROTOCOL_MODES)}, got {value!r}")
+            if value not in C.PROXY_PROTOCOL_MODES:
+                raise ValueError(f"expected one of {', '.join(C.PROXY_PROTOCOL_MODES)}, got {value!r}")
             return value
         if kind == "pp_options":
             items = value.split(",") if isinstance(value, str) else value
@@ -663,8 +668,10 @@ def _build_listener(ctx: _Ctx, raw: Mapping[str, Any], base_dir: str, index: int
     for k in identity_checks:
         if not vals.get("client_ca"):
             raise ctx.error(k, "needs client certificates (client_ca, with TLS on the listener)")
-    if vals.get("proxy_protocol_max_len", 500) < 16 or vals.get("proxy_protocol_max_len", 500) > 4096:
-        raise ctx.error("proxy_protocol_max_len", "must be between 16 and 4096 bytes")
+    if not (16 <= vals.get("proxy_protocol_max_len", C.PROXY_PROTOCOL_MAX_LEN) <= C.PP_HEADER_MAX):
+        raise ctx.error("proxy_protocol_max_len", f"must be between 16 and {C.PP_HEADER_MAX} bytes")
+    if len(vals.get("trusted_proxies", ())) > C.MAX_TRUSTED:
+        raise ctx.error("trusted_proxies", f"at most {C.MAX_TRUSTED} networks")
     if vals.get("accept_proxy_protocol") and not vals.get("trusted_proxies"):
         raise ctx.error("trusted_proxies", "is required with accept_proxy_protocol (the load balancers' addresses)")
     if vals.get("trusted_proxies") and not vals.get("accept_proxy_protocol"):
@@ -734,6 +741,18 @@ def build_config(raw: Mapping[str, Any], *, source: str = CLI_SOURCE, base_dir: 
             _check_known(ctx, table, _LISTENER_KEYS)
             listeners.append(_build_listener(ctx, {**defaults, **table}, base_dir, i))
 
+    if glob.get("policy_timeout", 1.0) <= 0:
+        raise top.error("policy_timeout", "must be greater than 0")
+    if glob.get("record_queue", C.RECORD_QUEUE) < 16:
+        raise top.error("record_queue", f"must be at least 16, got {glob['record_queue']}")
+    # The engine's tables are fixed in size: say so here rather than fail inside it.
+    n_listen = sum(len(lc.listen) for lc in listeners)
+    if n_listen > C.MAX_LISTENERS:
+        raise top.error("listen", f"{n_listen} listen addresses in all; at most {C.MAX_LISTENERS} are supported")
+    n_servers = sum(len(lc.servers) for lc in listeners) + len(glob.get("upstreams", ()))
+    if n_servers > C.MAX_UPSTREAMS:
+        raise top.error("upstream", f"{n_servers} upstream servers in all (each listener's, plus named upstreams); "
+                                    f"at most {C.MAX_UPSTREAMS} are supported")
     seen: dict[tuple[str, int], str] = {}
     for lc in listeners:
         for a in lc.listen:

@@ -18,3 +18,24 @@ TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
 LISTEN_BACKLOG = 4096
 MAX_CONNECTIONS = 100_000
+
+# The Python boundary (issue 10): user code runs off the loop thread.
+POLICY_THREADS = 4              # threads that run policy hooks
+POLICY_TIMEOUT_S = 5.0          # a hook slower than this: CONNACK 0x88 (3.x: 0x03), reason policy-timeout
+RECORD_QUEUE = 65536            # access-log records waiting for the records thread; beyond: dropped, counted
+
+# Engine-side names of configuration choices, in the engine's code order (index = code).
+PROXY_PROTOCOL_MODES = ("none", "v1", "v2", "v2-ssl", "v2-ssl-cn")     # PP_NONE .. PP_V2_SSL_CN
+BALANCE_MODES = ("clientid", "round-robin", "least-conn", "source")   # BAL_*; also _engine.BALANCE_MODES
+
+# The engine's limits (its enums in ext/fastproxy/_defs.pxd, exported as _engine.LIMITS), mirrored
+# so that a configuration beyond them is a ConfigError naming the key, not a failure inside the
+# engine. tests/test_lifecycle_api.py::test_engine_limits_mirror_the_engine ties each to its C value.
+MAX_LISTENERS = 64              # listen addresses, summed over all listeners
+MAX_UPSTREAMS = 256             # pool servers summed over all listeners, plus named upstreams
+MAX_POOL = 64                   # servers per listener pool
+MAX_SOURCES = 256               # upstream source addresses per listener
+MAX_TRUSTED = 32                # trusted_proxies networks per listener
+PP_HEADER_MAX = 4096            # largest proxy_protocol_max_len
+MIN_CONNECT_SIZE = 16           # smallest max_connect_size
+PROXY_PROTOCOL_MAX_LEN = 500    # default proxy_protocol_max_len: Mosquitto 2.1 refuses longer headers

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Callable
 
+from .record import Record
+
 ROOT = "fastproxy"
 ACCESS = "fastproxy.access"
 SERVER = "fastproxy.server"
@@ -115,4 +117,4 @@ class AccessLog:
         self._fd = -1
 
 
-RecordHook = Callable[[dict], None]
+RecordHook = Callable[[Record], None]   # Proxy(on_record=...)

@@ -17,15 +17,16 @@ code with the same meaning (0x85 -> 0x02 identifier rejected, 0x87 -> 0x05 not a
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
-import string
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Union
+from typing import Awaitable, Callable, Mapping, Optional, Union
 
 from .config import ListenerConfig
 from .errors import ConfigError
 from .mqtt import ConnectInfo, ReasonCode, parse_connect
+from .templates import TEMPLATE_FIELDS, template_fields  # noqa: F401 - TEMPLATE_FIELDS re-exported
 
 from .log import policy_log as log
 
@@ -74,7 +75,7 @@ def Route(upstream: str) -> Allow:
 
 
 Decision = Union[Allow, Deny, None]
-PolicyHook = Callable[[ConnectInfo, Optional[PeerCertificate], "tuple[str, int]"], Decision]
+PolicyHook = Callable[[ConnectInfo, Optional[PeerCertificate], "tuple[str, int]"], Union[Decision, Awaitable[Decision]]]
 
 
 def load_hook(spec: str, *, source: str, key: str) -> PolicyHook:
@@ -115,14 +116,6 @@ def certificate(der: bytes | None, verified: bool) -> PeerCertificate | None:
     )
 
 
-def template_fields(spec: str) -> list[str]:
-    """Certificate fields a ClientId template uses; ConfigError-free check by the caller."""
-    return [f for _, f, _, _ in string.Formatter().parse(spec) if f]
-
-
-TEMPLATE_FIELDS = ("cn", "san_dns", "san_email", "san_uri", "serial", "fingerprint")
-
-
 def _expand(template: str, cert: PeerCertificate) -> set[str]:
     """Every ClientId the template allows for this certificate (one per SAN value)."""
     multi = {"san_dns": cert.san_dns, "san_email": cert.san_email, "san_uri": cert.san_uri}
@@ -137,9 +130,11 @@ def _expand(template: str, cert: PeerCertificate) -> set[str]:
 
 
 class ConnectGate:
-    """One listener's decision function, called by the engine with
+    """One listener's decision function. Called off the loop thread (fastproxy.boundary) with
     (listener, addr, port, connect_bytes, cert_der, cert_verified) and answering
-    (action, reason_code_v5, upstream_index | None, new_client_id_bytes | None)."""
+    (action, reason_code_v5, upstream_index | None, new_client_id_bytes | None).
+    A plain hook is called by `gate(request)` on a policy thread; an `async def` hook
+    (`is_async`) by `await gate.decide_async(request)` on an asyncio loop."""
 
     def __init__(
         self,
@@ -155,20 +150,50 @@ class ConnectGate:
         self.upstreams = upstreams
         self.counters = counters
         self.cn_checks_done = cn_checks_done  # the engine already applied require_*_cn
+        self.is_async = hook is not None and (inspect.iscoroutinefunction(hook)
+                                              or inspect.iscoroutinefunction(getattr(hook, "__call__", None)))
 
     def __call__(self, rec: tuple) -> tuple[int, int, int | None, bytes | None]:
-        _, host, port, pkt, der, verified = rec
-        info = parse_connect(pkt, max_size=None)
-        assert info is not None  # the engine only calls with a whole, valid CONNECT
-        cert = certificate(der, verified)
+        ctx = _Ctx(rec)
         try:
-            decision = self._decide(info, cert, (host, port))
-            _check_decision(decision)
+            decision = self._before_hook(ctx)
+            if decision is None and self.hook is not None:
+                got = self.hook(ctx.hook_info, ctx.cert, ctx.client)
+                if inspect.isawaitable(got):
+                    _close_awaitable(got)
+                    raise TypeError("the policy hook returned an awaitable; declare it `async def`")
+                decision = got
+            return self._answer(ctx, decision)
         except Exception:
-            log.exception("%s: policy failed for client %s:%d (ClientId %r); refusing", self.lc.name, host, port,
-                          info.client_id)
-            self.counters["policy-error"] += 1
-            return (1, ReasonCode.SERVER_UNAVAILABLE, None, None)
+            return self._failed(ctx)
+
+    async def decide_async(self, rec: tuple) -> tuple[int, int, int | None, bytes | None]:
+        ctx = _Ctx(rec)
+        try:
+            decision = self._before_hook(ctx)
+            if decision is None and self.hook is not None:
+                decision = await self.hook(ctx.hook_info, ctx.cert, ctx.client)  # type: ignore[misc]
+            return self._answer(ctx, decision)
+        except Exception:
+            return self._failed(ctx)
+
+    def _failed(self, ctx: "_Ctx") -> tuple[int, int, int | None, bytes | None]:
+        host, port = ctx.client
+        log.exception("%s: policy failed for client %s:%d (ClientId %r); refusing", self.lc.name, host, port,
+                      ctx.info.client_id)
+        self.counters["policy-error"] += 1
+        return (1, ReasonCode.SERVER_UNAVAILABLE, None, None)
+
+    def _answer(self, ctx: "_Ctx", decision: Decision) -> tuple[int, int, int | None, bytes | None]:
+        if decision is not None and not isinstance(decision, (Allow, Deny)):
+            raise TypeError(f"policy returned {decision!r}; expected Allow, Deny, Route(...) or None")
+        if ctx.rewrite is not None and not isinstance(decision, Deny):
+            d = decision if isinstance(decision, Allow) else Allow()
+            if d.client_id is None:
+                decision = Allow(upstream=d.upstream, client_id=ctx.rewrite)
+        _check_decision(decision)
+        host, port = ctx.client
+        info, cert = ctx.info, ctx.cert
         if isinstance(decision, Deny):
             code = _V3_TO_V5.get(decision.reason_code, decision.reason_code)
             self.counters[decision.reason] += 1
@@ -191,13 +216,14 @@ class ConnectGate:
                 new_id = decision.client_id.encode("utf-8")
         return (0, 0, upstream, new_id)
 
-    def _decide(self, info: ConnectInfo, cert: PeerCertificate | None, client: tuple[str, int]) -> Decision:
+    def _before_hook(self, ctx: "_Ctx") -> Decision:
+        """The built-in rules; a Deny, or None to ask the hook (ctx.hook_info is what it sees)."""
         lc = self.lc
+        info, cert = ctx.info, ctx.cert
         identity = cert.cn if cert is not None and cert.verified else None
-        rewrite: str | None = None
         if lc.clientid_from_cn and info.client_id == "" and identity:
-            rewrite = identity  # EMQX's peer_cert_as_clientid
-        client_id = rewrite if rewrite is not None else info.client_id
+            ctx.rewrite = identity  # EMQX's peer_cert_as_clientid
+        client_id = ctx.rewrite if ctx.rewrite is not None else info.client_id
         if lc.require_clientid_cn and not self.cn_checks_done:
             if identity is None:
                 return Deny(ReasonCode.NOT_AUTHORIZED, "no verified client certificate")
@@ -213,18 +239,30 @@ class ConnectGate:
                 return Deny(ReasonCode.NOT_AUTHORIZED, "no verified client certificate")
             if client_id not in _expand(lc.clientid_template, cert):
                 return Deny(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, "ClientId does not match the certificate template")
-        decision: Decision = None
-        if self.hook is not None:
-            if rewrite is not None:
-                info = _with_client_id(info, rewrite)
-            decision = self.hook(info, cert, client)
-            if decision is not None and not isinstance(decision, (Allow, Deny)):
-                raise TypeError(f"policy returned {decision!r}; expected Allow, Deny, Route(...) or None")
-        if rewrite is not None and not isinstance(decision, Deny):
-            d = decision if isinstance(decision, Allow) else Allow()
-            if d.client_id is None:
-                decision = Allow(upstream=d.upstream, client_id=rewrite)
-        return decision
+        ctx.hook_info = _with_client_id(info, ctx.rewrite) if ctx.rewrite is not None else info
+        return None
+
+
+class _Ctx:
+    """One CONNECT on its way through a gate."""
+
+    __slots__ = ("info", "cert", "client", "rewrite", "hook_info")
+
+    def __init__(self, rec: tuple) -> None:
+        _, host, port, pkt, der, verified = rec
+        info = parse_connect(pkt, max_size=None)
+        assert info is not None  # the engine only asks with a whole, valid CONNECT
+        self.info: ConnectInfo = info
+        self.cert = certificate(der, verified)
+        self.client: tuple[str, int] = (host, port)
+        self.rewrite: str | None = None
+        self.hook_info: ConnectInfo = info
+
+
+def _close_awaitable(obj: object) -> None:
+    close = getattr(obj, "close", None)
+    if close is not None:
+        close()
 
 
 def _check_decision(decision: object) -> None:

@@ -6,6 +6,7 @@ SO_REUSEPORT and run their own engine.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import resource
@@ -15,11 +16,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from .config import PROXY_PROTOCOL_MODES, Address, Config, ListenerConfig, ServerConfig, key_path
+from .boundary import PolicyDispatcher, RecordSink
 from .errors import ConfigError, EngineNotBuiltError
 from .log import AccessLog, policy_log, server_log, setup_error_log, tls_log, upstream_log
+from .record import Record
 from .policy import ConnectGate, PolicyHook, engine_identity_checks, load_hook, needs_gate
 from .tls import build_context
 
@@ -119,24 +122,12 @@ def _check_sources(cfg: Config, index: int, lc: ListenerConfig) -> None:
                                   key=_key(cfg, index, "upstream_source")) from None
 
 
-def _sources(addrs: tuple[str, ...]) -> list[tuple[int, bytes]]:
-    import ipaddress
-
-    return [(socket.AF_INET6 if ":" in a else socket.AF_INET, ipaddress.ip_address(a).packed) for a in addrs]
-
-
-def _networks(cidrs: tuple[str, ...]) -> list[tuple[int, bytes, int]]:
-    import ipaddress
-
-    out: list[tuple[int, bytes, int]] = []
-    for c in cidrs:
-        n = ipaddress.ip_network(c, strict=False)
-        out.append((socket.AF_INET if n.version == 4 else socket.AF_INET6, n.network_address.packed, n.prefixlen))
-    return out
-
-
 def _key(cfg: Config, index: int, key: str) -> str:
     return key_path(cfg.source, len(cfg.listeners), index, key)
+
+
+ProxyState = Literal["created", "running", "stopped", "failed"]
+_START_LOCK = threading.Lock()   # two threads calling start() at once: one wins, one raises
 
 
 class Proxy:
@@ -150,10 +141,11 @@ class Proxy:
         self,
         config: Config,
         *,
-        on_record: Callable[[dict], None] | None = None,
+        on_record: Callable[[Record], None] | None = None,
         policy: PolicyHook | None = None,
         reuseport: bool = False,
         access_log: AccessLog | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         eng = _require_engine()
         self.config = config
@@ -170,8 +162,11 @@ class Proxy:
         # engine upstream index -> (listener, server) for pool servers (named upstreams are in _named)
         self._servers: dict[int, tuple[ListenerConfig, ServerConfig]] = {}
         self._checkers: list[Any] = []
-        self.engine = eng.Engine(on_close=self._on_close, on_connect=self._on_connect,
-                                 max_connections=config.max_connections)
+        self.engine = eng.Engine(on_close=self._queue_record, on_connect=self._submit_policy,
+                                 max_connections=config.max_connections, policy_timeout=config.policy_timeout)
+        # Python work that leaves the loop thread (fastproxy.boundary): the records thread,
+        # and the policy threads (or asyncio loop) once a listener has a gate.
+        self._records = RecordSink(self._on_close, maxsize=config.record_queue)
         socks: list[socket.socket] = []
         try:
             named = {name: self._add_upstream(addr) for name, addr in config.upstreams}
@@ -192,39 +187,21 @@ class Proxy:
                     s = bind_listener(addr, lc.backlog, reuseport=reuseport)
                     socks.append(s)
                     bound.append(s.getsockname()[:2])
-                    self.engine.add_listener(
-                        s.detach(),
-                        pool,
-                        tls=ctx,
-                        handshake_timeout=lc.handshake_timeout,
-                        connect_timeout=lc.upstream_connect_timeout,
-                        idle_timeout=lc.idle_timeout,
-                        mqtt=lc.mqtt,
-                        idle_keepalive=lc.idle_keepalive,
-                        policy=gate is not None,
-                        mqtt_connect_timeout=lc.connect_timeout,
-                        max_connect_size=lc.max_connect_size,
-                        proxy_protocol=lc.proxy_protocol_mode,
-                        proxy_protocol_crc32c=lc.proxy_protocol_crc32c,
-                        proxy_protocol_max_len=lc.proxy_protocol_max_len,
-                        proxy_protocol_want=lc.proxy_protocol_want,
-                        accept_proxy_protocol=lc.accept_proxy_protocol,
-                        trusted_proxies=_networks(lc.trusted_proxies),
-                        identity=identity,
-                        balance=lc.balance_mode,
-                        retries=lc.retries,
-                        source_addresses=_sources(lc.upstream_source),
-                    )
+                    # The engine owns the descriptor from here on (and closes it on failure).
+                    self.engine.add_listener(s.detach(), lc, pool, tls=ctx, gate=gate is not None, identity=identity)
                     self._listener_names.append(lc.name)
                     self._gates.append(gate)
                 self.addresses.append(bound)
                 if lc.health_interval > 0:
                     self._checkers.append(self._health_checker(lc, pool))
+            self._policy = PolicyDispatcher(self._gates, self.engine.policy_answer, threads=config.policy_threads,
+                                            loop=loop)
         except BaseException:
             for s in socks:
                 if s.fileno() >= 0:
                     s.close()
-            self.engine = None  # closes detached listeners
+            self.engine.close()     # the listening sockets it took over, now
+            self.engine = None
             raise
 
     def _add_server(self, lc: ListenerConfig, sv: ServerConfig) -> int:
@@ -264,12 +241,14 @@ class Proxy:
             return int(self.engine.add_upstream(socket.AF_UNIX, a.path, 0, **opts))
         return int(self.engine.add_upstream(a.family, a.host, a.port, **opts))
 
-    # -- per-connection callbacks from the engine (with the GIL, once per connection)
-    def _on_connect(self, rec: tuple) -> tuple:
-        gate = self._gates[rec[0]]
-        assert gate is not None
-        return gate(rec)
+    # -- the engine's two callbacks: on its loop thread, once per connection; both only queue
+    def _submit_policy(self, token: int, request: tuple) -> None:
+        self._policy.submit(token, request)
 
+    def _queue_record(self, rec: tuple) -> None:
+        self._records.put(rec)
+
+    # -- on the records thread
     def _on_close(self, rec: tuple) -> None:
         li, host, port, protocol, reason_i, sent, received, t0, duration, detail, cn, client_id, refuse_code, up = rec
         reason, status = REASONS[reason_i]
@@ -349,6 +328,8 @@ class Proxy:
         old_fd = None
         if threading.current_thread() is threading.main_thread():
             old_fd = signal.set_wakeup_fd(self.engine.wakeup_fd, warn_on_full_buffer=False)
+        self._records.start()
+        self._policy.start()
         for ch in self._checkers:
             ch.start()
         try:
@@ -356,36 +337,97 @@ class Proxy:
         finally:
             for ch in self._checkers:
                 ch.stop()
+            self._policy.stop()
+            self._records.stop()    # every record of the run is written before run() returns
             if old_fd is not None:
                 signal.set_wakeup_fd(old_fd)
 
+    # -- lifecycle: created -> running (start()) -> stopped, or failed when the engine thread
+    # raised. A Proxy runs once. Class-level defaults: each instance sets its own on change.
+    _state: ProxyState = "created"
+    _failure: BaseException | None = None
+
+    @property
+    def state(self) -> ProxyState:
+        """"created" (built, sockets bound), "running" (start() was called), "stopped" (stop()
+        completed or close() released a Proxy never started) or "failed" (see `error`)."""
+        return self._state
+
+    @property
+    def error(self) -> BaseException | None:
+        """What the engine thread raised, when state is "failed" (it stays; stop() raises it once)."""
+        return self._failure
+
     def start(self) -> "Proxy":
-        """Run in a daemon thread; returns self."""
+        """Run in a daemon thread ("fastproxy-engine"); returns self. Raises RuntimeError at once
+        when the Proxy was already started, has finished or was closed."""
+        with _START_LOCK:
+            if self.engine is None:
+                raise RuntimeError("proxy is closed; build a new Proxy")
+            if self._state != "created":
+                raise RuntimeError(f"proxy already {'started' if self._state == 'running' else self._state}; "
+                                   "a Proxy runs once")
+            self._state = "running"
+
         def target() -> None:
             try:
                 self.run()
-            except BaseException as e:  # surfaced by stop()
-                self._error = e
+            except BaseException as e:  # reported now; stop() re-raises it
+                self._engine_failed(e)
+            else:
+                self._state = "stopped"
 
         self._thread = threading.Thread(target=target, name="fastproxy-engine", daemon=True)
         self._thread.start()
         return self
 
+    def _engine_failed(self, e: BaseException) -> None:
+        self._failure = self._error = e
+        self._state = "failed"
+        server_log.error("the engine thread failed, the proxy is not serving: %s: %s", type(e).__name__, e,
+                         exc_info=e)
+
     def stop(self, drain_timeout: float = 0.0, *, wait: bool = True, timeout: float | None = 30.0) -> None:
-        """Stop accepting; let sessions finish for drain_timeout seconds; close the rest."""
+        """Stop accepting; let sessions finish for drain_timeout seconds; close the rest.
+
+        With wait (from another thread than the engine's), returns when the engine thread has
+        ended and re-raises what it raised. A Proxy never started releases its listening
+        sockets at once."""
         if self.engine is None:
             return
-        self.engine.stop(drain_timeout)
-        if wait and self._thread is not None:
+        self.engine.stop(drain_timeout)  # also ends a run() called directly, in another thread
+        if self._thread is None:
+            if self._state == "created":
+                self._release()
+            return
+        if wait and self._thread is not threading.current_thread():
             self._thread.join(timeout)
             if self._error is not None:
                 err, self._error = self._error, None
                 raise err
 
+    def _release(self) -> None:
+        """Close the listening sockets and free the engine, unless it is running."""
+        eng = self.engine
+        if eng is None or (self._thread is not None and self._thread.is_alive()):
+            return
+        close = getattr(eng, "close", None)
+        if close is not None:
+            try:
+                close()
+            except RuntimeError:  # run() was called directly and is still running
+                return
+        # Without Engine.close(), dropping the last reference closes the sockets (__dealloc__).
+        self.engine = None
+        if self._state == "created":
+            self._state = "stopped"
+
     def stats(self) -> dict[str, int]:
         """The engine's counters (accepted, active, handshakes, bytes, closed_<reason>, ...) and
         refusals by cause (refused: <reason>)."""
         st = self.engine.stats()
+        st["callback_errors"] += self._records.errors + self._policy.errors
+        st["records_dropped"] = self._records.dropped
         for why, n in self.refusals.items():
             st[f"refused: {why}"] = n
         return st
@@ -414,14 +456,23 @@ class Proxy:
         return {"pid": os.getpid(), "listeners": listeners, "servers": servers, "counters": self.stats()}
 
     def close(self) -> None:
-        self._access.close()
+        """Release the listening sockets (also of a Proxy never started), the engine and the
+        access log. A running Proxy is stopped at once first (drain 0)."""
+        try:
+            if self._thread is not None and self._thread.is_alive():
+                self.stop(0.0)
+        finally:
+            self._release()
+            self._access.close()
 
     def __enter__(self) -> "Proxy":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
-        self.close()
+        try:
+            self.stop()
+        finally:
+            self.close()
 
 
 # ----------------------------------------------------------------------------- serve (CLI)
@@ -440,12 +491,18 @@ def _describe(cfg: Config) -> str:
     return "; ".join(parts)
 
 
-def _install_stop_handlers(stop: Callable[[float], None], drain: float) -> None:
+def _install_stop_handlers(stop: Callable[[float], None], drain: float, *, master: int | None = None) -> None:
+    """SIGTERM/SIGINT: drain for `drain` seconds, a second one stops at once. In a worker
+    (master = the master's pid), a SIGTERM that finds the master gone (the parent-death signal,
+    see _follow_master) stops at once: nobody is left to wait for the drain."""
     state = {"n": 0}
 
     def handler(signum: int, frame: Any) -> None:
         state["n"] += 1
-        if state["n"] == 1:
+        if master is not None and os.getppid() != master:
+            server_log.warning("%s: the master process %d is gone; stopping now", signal.Signals(signum).name, master)
+            stop(0.0)
+        elif state["n"] == 1:
             server_log.info("%s: draining for %.1fs", signal.Signals(signum).name, drain)
             stop(drain)
         else:
@@ -456,8 +513,25 @@ def _install_stop_handlers(stop: Callable[[float], None], drain: float) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+# Signals whose default action would end the process (status 129, 138, 140) without a drain.
+# Reload will take one of them; until it lands they are logged and ignored.
+_RESERVED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _install_ignored_signals(level: int = logging.INFO) -> None:
+    """SIGHUP/SIGUSR1/SIGUSR2: one log line each time, and keep serving. The master (or the single
+    process) logs at INFO and does not forward them; workers log at DEBUG, since a signal sent to
+    the whole process group (a terminal hangup, `pkill -HUP fastproxy`) reaches the master too."""
+
+    def handler(signum: int, frame: Any) -> None:
+        server_log.log(level, "%s received: reload is not implemented yet; ignored", signal.Signals(signum).name)
+
+    for sig in _RESERVED_SIGNALS:
+        signal.signal(sig, handler)
+
+
 def _run_single(cfg: Config, *, reuseport: bool, announce: str | None = None,
-                link: Any = None) -> int:
+                link: Any = None, master: int | None = None) -> int:
     proxy = Proxy(cfg, reuseport=reuseport)
     admin = None
     if link is not None:
@@ -468,7 +542,7 @@ def _run_single(cfg: Config, *, reuseport: bool, announce: str | None = None,
         admin = AdminServer(cfg.admin.host, cfg.admin.port, proxy.status).start()
     if announce:
         server_log.info("%s", announce)
-    _install_stop_handlers(proxy.engine.stop, cfg.drain_timeout)
+    _install_stop_handlers(proxy.engine.stop, cfg.drain_timeout, master=master)
     try:
         proxy.run()
     finally:
@@ -483,6 +557,7 @@ def _run_single(cfg: Config, *, reuseport: bool, announce: str | None = None,
 def serve(cfg: Config) -> int:
     """Run the configured proxy until SIGTERM/SIGINT; returns the exit status."""
     setup_error_log(cfg.error_log, cfg.log_level)
+    _install_ignored_signals()
     _require_engine()
     limit = raise_fd_limit()
     for w in check_config(cfg):
@@ -490,6 +565,27 @@ def serve(cfg: Config) -> int:
     if cfg.workers <= 1:
         return _run_single(cfg, reuseport=False, announce=f"listening on {_describe(cfg)} (fd limit {limit})")
     return _Master(cfg).run()
+
+
+_PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
+
+
+def _pdeathsig_setter() -> Callable[[int], bool] | None:
+    """prctl(PR_SET_PDEATHSIG, sig) from libc through ctypes, as a function returning success;
+    None where libc or ctypes is missing."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+
+    def set_pdeathsig(sig: int) -> bool:
+        return int(prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)) == 0
+
+    return set_pdeathsig
 
 
 class _Master:
@@ -504,6 +600,8 @@ class _Master:
         self.links: dict[int, Any] = {}
         self.stopping = False
         self.quick_restarts = 0
+        self.pid = os.getpid()
+        self._pdeathsig = _pdeathsig_setter()   # looked up here: a worker does no dlopen after fork
 
     def _check_bind(self) -> list[socket.socket]:
         # Bind (without listening) in the master first: a taken port or bad address is
@@ -542,19 +640,25 @@ class _Master:
             from .admin import WorkerLink
 
             link = WorkerLink()
-        pid = os.fork()
+        pid = self._fork()
         if pid == 0:  # worker
             code = 1
             try:
+                # First the master's handlers go (they would act on the master's children),
+                # then the worker follows the master: an early SIGTERM simply ends it.
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _install_ignored_signals(logging.DEBUG)
+                if not self._follow_master():
+                    code = 0
+                    return  # the master died before the worker could follow it (finally: exit)
                 for h in held:
                     h.close()
                 for other in self.links.values():
                     other.close()
                 if link is not None:
                     link.in_worker()
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                code = _run_single(self.cfg, reuseport=True, link=link)
+                code = _run_single(self.cfg, reuseport=True, link=link, master=self.pid)
             except BaseException as e:
                 server_log.error("worker failed: %s", e)
             finally:
@@ -564,6 +668,37 @@ class _Master:
         if link is not None:
             link.in_master()
             self.links[pid] = link
+
+    def _fork(self) -> int:
+        """os.fork() holding fastproxy's log handlers, so that no other thread of the master (the
+        admin server, status requests; they run when a dead worker is replaced) is half-way
+        through a log write at the fork. Python 3.11's logging makes its own locks safe across
+        fork (os.register_at_fork in logging/__init__.py re-creates every handler's lock in the
+        child, after taking the module lock in the parent), but not the lock of the stream
+        buffer such a write would hold. Forks happen in the main thread only: the parent-death
+        signal is tied to the thread that forked."""
+        from .log import ROOT
+
+        handlers = list(logging.getLogger(ROOT).handlers)
+        for h in handlers:
+            h.acquire()
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:  # in the child, logging re-created these locks unlocked
+                for h in handlers:
+                    h.release()
+        return pid
+
+    def _follow_master(self) -> bool:
+        """In a worker right after fork: have the kernel send SIGTERM when the master dies
+        (prctl PR_SET_PDEATHSIG), so `kill -9` of the master does not leave workers accepting
+        on its port. False if the master is already gone (it died before the prctl)."""
+        if self._pdeathsig is None or not self._pdeathsig(signal.SIGTERM):
+            server_log.warning("worker %d: no parent-death signal (prctl failed): it would outlive a master "
+                               "killed with SIGKILL", os.getpid())
+        return os.getppid() == self.pid
 
     def status(self) -> dict[str, Any]:
         from .admin import ask_all, merge_worker_status

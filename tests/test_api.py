@@ -86,19 +86,6 @@ def test_stop_cuts_sessions_after_drain_and_reports_them(mosquitto):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
-def test_exception_in_record_hook_stops_run_and_is_reraised(mosquitto):
-    def boom(rec):
-        raise RuntimeError("hook failed")
-
-    proxy = fastproxy.Proxy(_cfg(upstream=mosquitto.upstream), on_record=boom)
-    (_, port), = proxy.addresses[0]
-    t = threading.Thread(target=lambda: socket.create_connection(("127.0.0.1", port), timeout=5).close())
-    t.start()
-    with pytest.raises(RuntimeError, match="hook failed"):
-        proxy.run()
-    t.join(5)
-
-
 def test_config_errors_are_value_errors():
     with pytest.raises(ValueError, match="upstream"):
         fastproxy.build_config({"listen": "127.0.0.1:0", "upstream": "127.0.0.1:99999"})

@@ -254,7 +254,7 @@ def test_broker_killed_mid_session_closes_client_and_retry_lands_on_the_other(
 
 def test_marked_down_without_shutdown_sessions_keeps_held_sessions(
         mosquitto_factory, run_fastproxy, raw_sockets):
-    from fastproxy import _engine
+    from fastproxy import _sim as _engine
 
     a, b = mosquitto_factory(), mosquitto_factory()
     port, listen = _listen_args()
@@ -592,7 +592,7 @@ def pp_broker():
 
 def test_health_checks_and_sessions_carry_the_per_server_proxy_header(
         pp_broker, mosquitto, run_fastproxy, raw_sockets):
-    from fastproxy import _engine
+    from fastproxy import _sim as _engine
 
     port, listen = _listen_args()
     admin = f"{HOST}:{U.free_port()}"

@@ -76,7 +76,7 @@ def test_down_server_gets_no_sessions_and_shutdown_closes_its_own(mosquitto_fact
 # ----------------------------------------------------------------------------- the choice itself
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from fastproxy import _engine  # noqa: E402
+from fastproxy import _sim as _engine  # noqa: E402
 
 _servers = st.lists(st.tuples(st.integers(1, 4), st.booleans(), st.booleans()), min_size=1, max_size=8)
 

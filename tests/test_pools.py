@@ -17,7 +17,7 @@ import pytest
 
 import proxyutil as U
 
-E = pytest.importorskip("fastproxy._engine", reason="compiled engine not built")
+E = pytest.importorskip("fastproxy._sim", reason="compiled engine not built")
 
 HOST = U.HOST
 CONNACK_OK = b"\x20\x02\x00\x00"

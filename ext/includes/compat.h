@@ -54,6 +54,16 @@ static inline double fp_mono_time(void) {
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* Flags one thread writes and the loop reads (stop requests, health state, policy answers):
+ * atomics, so a weakly ordered CPU (aarch64) sees them, and in order with what they announce. */
+static inline int fp_load(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void fp_store(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline int fp_exchange(int *p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
+static inline int fp_add(int *p, int v) { return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
+static inline uint8_t fp_load8(const uint8_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void fp_store8(uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline uint8_t fp_exchange8(uint8_t *p, uint8_t v) { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
+
 #ifdef FASTPROXY_DEBUG
 #define FP_DEBUG 1
 #else

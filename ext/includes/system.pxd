@@ -7,6 +7,13 @@ cdef extern from "compat.h" nogil:
     double fp_wall_time()
     double fp_mono_time()
     int FP_DEBUG
+    int fp_load(const int* p)
+    void fp_store(int* p, int v)
+    int fp_exchange(int* p, int v)
+    int fp_add(int* p, int v)
+    uint8_t fp_load8(const uint8_t* p)
+    void fp_store8(uint8_t* p, uint8_t v)
+    uint8_t fp_exchange8(uint8_t* p, uint8_t v)
 
     # errno values
     int EAGAIN, EWOULDBLOCK, EINTR, EINPROGRESS, EMFILE, ENFILE, ENOBUFS, ENOMEM

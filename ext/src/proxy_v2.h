@@ -239,7 +239,16 @@ int pp_format_ipv6(const uint8_t a[16], char *out, size_t cap);
  *   - alpn: SSL_get0_alpn_selected(); authority: SSL_get_servername() (SNI)
  * `want` selects what is filled (PP2_WANT_*); strings point into OpenSSL objects owned by
  * `ssl` (or into *scratch) and stay valid until the SSL is freed. Returns 0. */
-#ifdef PP2_WITH_OPENSSL
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* FASTPROXY_PROXY_V2_H */
+
+/* Outside the main guard, so an includer that saw the header without PP2_WITH_OPENSSL (a
+ * Cython module cimporting both declaration files) still gets these when it asks. */
+#if defined(PP2_WITH_OPENSSL) && !defined(FASTPROXY_PROXY_V2_SSL_H)
+#define FASTPROXY_PROXY_V2_SSL_H
 #include <stdio.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
@@ -334,8 +343,3 @@ static inline int pp2_info_set_ssl(pp2_info *info, const SSL *ssl, unsigned want
     return 0;
 }
 #endif /* PP2_WITH_OPENSSL */
-
-#ifdef __cplusplus
-}
-#endif
-#endif /* FASTPROXY_PROXY_V2_H */

@@ -1,103 +1,10 @@
-# Types of the compiled engine (cimported by _engine.pyx): connection state machine, relay directions, counters.
+# The engine's types: per connection (Conn, its two Sides and two Dirs), per listener, per
+# upstream server, and Core, the state of one loop that every stage function receives.
+# Declarations only (HAProxy keeps its types apart from code the same way, in -t.h headers).
 from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
-from system cimport sockaddr_storage, socklen_t, epoll_event
+from system cimport sockaddr_storage, socklen_t
 from openssl cimport SSL, SSL_CTX
-
-cdef enum:
-    RELAY_BUF = 16384          # bytes per direction buffer (one TLS record of plaintext)
-    PIPE_CAP = 65536           # bytes we let sit in a splice pipe (the default pipe size)
-    MAX_EVENTS = 256
-    MAX_LISTENERS = 64
-    MAX_UPSTREAMS = 256
-    MAX_POOL = 64              # servers per listener pool (a bit each in Conn.tried)
-    MAX_SOURCES = 256          # local source addresses per listener
-    SWEEP_MS = 250             # timeout granularity
-    ACCEPT_BATCH = 64          # accepts per wakeup per listener, for fairness with relaying
-    BUF_POOL_MAX = 64
-    PIPE_POOL_MAX = 64
-    ACCEPT_PAUSE_MS = 1000     # after EMFILE/ENFILE
-    TLS_IDLE_FREE_MS = 1000    # give OpenSSL's record buffers back after this much quiet
-    LINGER_MS = 2000           # how long a refused client may keep sending before we close
-    HALF_CLOSED_TIMEOUT_MS = 5000   # a session with one side finished ends after this much quiet
-    TRIM_AFTER_FREES = 64      # malloc_trim once this many sessions released buffers...
-    TRIM_INTERVAL_MS = 5000    # ...at most this often
-
-# Tags in the low bits of epoll_event.data (Conn* is 16-byte aligned by malloc).
-cdef enum:
-    TAG_CLIENT = 0
-    TAG_UPSTREAM = 1
-    TAG_LISTENER = 2
-    TAG_WAKE = 3
-    TAG_MASK = 7
-
-# Connection states. Transitions:
-#   accept ──accept_pp, trusted source──▶ PROXY_HEADER ──valid──▶ (TLS or plain, as below)
-#   accept ──TLS──▶ HANDSHAKE ──done──▶ MQTT_CONNECT ──CONNECT valid, policy allows──▶ CONNECTING
-#   accept ──plain────────────────────▶ MQTT_CONNECT          (listeners with mqtt = false skip it)
-#   CONNECTING ──SO_ERROR 0──▶ RELAY ──both EOFs flushed──▶ CLOSED
-#   MQTT_CONNECT ──invalid / denied──▶ CONNACK (where MQTT allows) + FIN ──▶ LINGER ──EOF / 2 s──▶ CLOSED
-#   any ──error / timeout / shutdown──▶ CLOSED (freed after the current epoll batch)
-cdef enum ConnState:
-    ST_NEW = 0
-    ST_HANDSHAKE = 1
-    ST_CONNECTING = 2
-    ST_RELAY = 3
-    ST_CLOSED = 4
-    ST_MQTT_CONNECT = 5
-    ST_PROXY_HEADER = 6       # before TLS: a PROXY header from a trusted load balancer
-    ST_LINGER = 7             # refused: CONNACK and FIN sent, discarding input until EOF
-
-# Why a connection ended; names and log status codes are in _engine.pyx REASONS.
-cdef enum EndReason:
-    R_OK = 0
-    R_IDLE_TIMEOUT
-    R_CLIENT_RESET
-    R_UPSTREAM_RESET
-    R_HANDSHAKE_FAILED
-    R_HANDSHAKE_TIMEOUT
-    R_DENIED
-    R_INTERNAL
-    R_UPSTREAM_REFUSED
-    R_UPSTREAM_UNREACHABLE
-    R_SHUTDOWN
-    R_UPSTREAM_TIMEOUT
-    R_BAD_CONNECT
-    R_CONNECT_TIMEOUT
-    R_NO_CONNECT
-    R_BAD_PROXY_HEADER
-    R_UNTRUSTED_PROXY
-    R_NO_SERVER             # every server of the pool is down (or full)
-    R_UPSTREAM_DOWN         # the session's server was marked down (shutdown-sessions)
-    R_NO_SOURCE_PORT        # no free local port toward the server (EADDRNOTAVAIL)
-    R_COUNT
-
-# How a listener's pool chooses a server.
-cdef enum:
-    BAL_CLIENTID = 0        # weighted rendezvous hash of the ClientId (empty ClientId: least-conn)
-    BAL_ROUND_ROBIN = 1     # smooth weighted round-robin (nginx's)
-    BAL_LEAST_CONN = 2      # fewest sessions per weight
-    BAL_SOURCE = 3          # weighted rendezvous hash of the client address
-
-# PROXY protocol header sent to the upstream (HAProxy's send-proxy, -v2, -v2-ssl, -v2-ssl-cn).
-cdef enum:
-    PP_NONE = 0
-    PP_V1 = 1
-    PP_V2 = 2
-    PP_V2_SSL = 3
-    PP_V2_SSL_CN = 4
-    PP_HEADER_MAX = 4096
-    MAX_TRUSTED = 32               # trusted source networks per listener
-
-# Built-in identity checks (require_clientid_cn, require_username_cn), done in C.
-cdef enum:
-    ID_CLIENTID_CN = 1
-    ID_USERNAME_CN = 2
-
-# Results of one read or write on a side.
-cdef enum:
-    IO_AGAIN = -1
-    IO_EOF = -2
-    IO_ERR = -3
+from fastproxy._defs cimport *
 
 cdef struct BufPool:
     # Free RELAY_BUF buffers shared by every connection of an engine; live counts the ones lent.
@@ -163,6 +70,7 @@ cdef struct Conn:
     uint8_t routed          # a policy Route() chose the server: no balancing, no retry
     uint8_t counted         # counted in upstreams[upstream].sessions
     uint16_t pp_len         # PROXY header at the front of c2u (stripped before a retry)
+    uint64_t policy_token   # non-zero while a policy answer is awaited (ST_POLICY)
     int64_t idle_ms         # this session's idle timeout (keepalive-aware listeners set it)
     uint32_t connect_total  # CONNECT length once its fixed header is known, 0 before
     uint8_t has_pp_dst      # a received PROXY header named the address the client reached
@@ -207,6 +115,7 @@ cdef struct Listener:
     uint8_t policy                  # ask Python (on_connect) about each CONNECT
     unsigned identity               # built-in CN checks done in C (ID_* bits)
     int64_t mqtt_connect_timeout_ms # the CONNECT must arrive within this
+    int64_t policy_timeout_ms       # the policy hook must answer within this
     uint32_t max_connect_size
     uint8_t pp_mode                 # PROXY header toward the upstream: PP_NONE .. PP_V2_SSL_CN
     uint8_t pp_crc32c
@@ -223,8 +132,8 @@ cdef struct Upstream:
     uint64_t key            # hash of the server's address text: same ranking on every instance
     uint16_t weight
     uint8_t backup          # used only when no primary server of the pool is up
-    uint8_t up              # health state, written by the checker thread (a byte: no tearing)
-    uint8_t kill            # shutdown-sessions requested (checker thread -> loop, via the wake pipe)
+    uint8_t up              # atomic: health state, written by the checker thread
+    uint8_t kill            # atomic: shutdown-sessions requested (checker thread -> loop, wake pipe)
     int8_t pp_mode          # PROXY header mode for this server, -1: the listener's
     uint32_t maxconn        # 0: unlimited
     uint32_t sessions       # live sessions (connecting or relaying)
@@ -242,3 +151,42 @@ cdef struct Counters:
     uint64_t accept_errors
     uint64_t reasons[<int>R_COUNT]
     uint64_t live_pipes
+    uint64_t callback_errors    # user callbacks that raised (logged, never fatal)
+    uint64_t policy_answers     # policy answers applied
+
+cdef struct Core
+
+# The Python boundary, filled in by the Engine (_engine.pyx). Each takes the GIL only for the
+# time it runs; none runs user code: they hand work to other threads and return.
+ctypedef void (*report_fn)(Core* e, Conn* c) noexcept nogil
+ctypedef int (*ask_policy_fn)(Core* e, Conn* c) noexcept nogil
+ctypedef void (*forget_fn)(Core* e, Conn* c) noexcept nogil
+
+cdef struct Core:
+    # One loop's state. Written by the loop thread only, except the fields marked atomic.
+    int epfd
+    int wake_r
+    int wake_w
+    Listener listeners[MAX_LISTENERS]
+    int n_listeners
+    Upstream upstreams[MAX_UPSTREAMS]
+    int n_upstreams
+    Conn* conns                  # doubly linked list of live connections
+    Conn* dead                   # closed during the current batch, freed after it
+    uint64_t n_conns
+    uint64_t max_conns
+    Counters ctr
+    BufPool pool
+    int pipe_pool[PIPE_POOL_MAX][2]
+    int n_pipes
+    int64_t now
+    int64_t accept_paused_until
+    int64_t last_trim
+    int trim_debt
+    uint8_t listeners_paused
+    uint8_t fatal                # the loop must stop (an error for run() to raise)
+    int kill_pending             # atomic: shutdown_sessions() asked; the loop reads Upstream.kill
+    void* owner                  # the Engine object (borrowed)
+    report_fn report
+    ask_policy_fn ask_policy
+    forget_fn forget
