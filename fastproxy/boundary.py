@@ -12,12 +12,14 @@ loop. Threads start in `start()` (after any fork: workers build their own).
 """
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .log import policy_log, server_log
+
+if TYPE_CHECKING:  # asyncio is imported only where an async hook needs it (it costs MiBs per worker)
+    import asyncio
 
 # The answer a gate gives for one CONNECT: (action, reason_code_v5, upstream | None, new_client_id | None).
 Answer = "tuple[int, int, int | None, bytes | None]"
@@ -28,14 +30,14 @@ class PolicyDispatcher:
     """Runs each listener's gate off the loop thread and hands the answers back."""
 
     def __init__(self, gates: Sequence[Any], answer: Callable[[int, tuple], None], *, threads: int,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: "asyncio.AbstractEventLoop | None" = None) -> None:
         self._gates = list(gates)
         self._answer = answer
         self._n_threads = max(1, threads)
         self._queue: queue.SimpleQueue[tuple[int, Any, tuple] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._loop = loop
-        self._own_loop: asyncio.AbstractEventLoop | None = None
+        self._own_loop: "asyncio.AbstractEventLoop | None" = None
         self._loop_thread: threading.Thread | None = None
         self.errors = 0
         self.needed = any(g is not None for g in self._gates)
@@ -44,6 +46,8 @@ class PolicyDispatcher:
         if not self.needed or self._threads:
             return
         if any(g is not None and g.is_async for g in self._gates) and self._loop is None:
+            import asyncio
+
             self._own_loop = asyncio.new_event_loop()
             self._loop_thread = threading.Thread(target=self._own_loop.run_forever, name="fastproxy-asyncio",
                                                  daemon=True)
@@ -57,6 +61,8 @@ class PolicyDispatcher:
         """On the loop thread: queue one CONNECT; never blocks, never runs user code."""
         gate = self._gates[request[0]]
         if gate.is_async:
+            import asyncio
+
             loop = self._loop or self._own_loop
             assert loop is not None
             fut = asyncio.run_coroutine_threadsafe(gate.decide_async(request), loop)

@@ -6,7 +6,6 @@ SO_REUSEPORT and run their own engine.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import resource
@@ -16,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from .config import PROXY_PROTOCOL_MODES, Address, Config, ListenerConfig, ServerConfig, key_path
 from .boundary import PolicyDispatcher, RecordSink
@@ -25,6 +24,9 @@ from .log import AccessLog, policy_log, server_log, setup_error_log, tls_log, up
 from .record import Record
 from .policy import ConnectGate, PolicyHook, engine_identity_checks, load_hook, needs_gate
 from .tls import build_context
+
+if TYPE_CHECKING:
+    import asyncio
 
 try:
     from . import _engine
@@ -145,7 +147,7 @@ class Proxy:
         policy: PolicyHook | None = None,
         reuseport: bool = False,
         access_log: AccessLog | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
+        loop: "asyncio.AbstractEventLoop | None" = None,
     ) -> None:
         eng = _require_engine()
         self.config = config
@@ -411,13 +413,10 @@ class Proxy:
         eng = self.engine
         if eng is None or (self._thread is not None and self._thread.is_alive()):
             return
-        close = getattr(eng, "close", None)
-        if close is not None:
-            try:
-                close()
-            except RuntimeError:  # run() was called directly and is still running
-                return
-        # Without Engine.close(), dropping the last reference closes the sockets (__dealloc__).
+        try:
+            eng.close()
+        except RuntimeError:  # run() was called directly and is still running
+            return
         self.engine = None
         if self._state == "created":
             self._state = "stopped"
@@ -426,7 +425,8 @@ class Proxy:
         """The engine's counters (accepted, active, handshakes, bytes, closed_<reason>, ...) and
         refusals by cause (refused: <reason>)."""
         st = self.engine.stats()
-        st["callback_errors"] += self._records.errors + self._policy.errors
+        st["callback_errors"] += (self._records.errors + self._policy.errors
+                                  + sum(g.errors for g in self._gates if g is not None))
         st["records_dropped"] = self._records.dropped
         for why, n in self.refusals.items():
             st[f"refused: {why}"] = n

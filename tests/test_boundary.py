@@ -149,6 +149,7 @@ def test_raising_hook_refuses_only_its_client(mosquitto, caplog):
         assert U.mqtt_handshake(ok, "fine") == 0
         ok.close()
         assert proxy.refusals["policy-error"] == 2
+        assert proxy.stats()["callback_errors"] == 2
     finally:
         proxy.stop()
 

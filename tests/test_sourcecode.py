@@ -50,6 +50,9 @@ def test_python_mirrors_of_engine_constants():
     assert C.MAX_SOURCES == lim["MAX_SOURCES"]
     assert len(C.BALANCE_MODES) == lim["BAL_SOURCE"] + 1
     assert len(C.PROXY_PROTOCOL_MODES) == lim["PP_V2_SSL_CN"] + 1
+    from fastproxy.config import PROXY_PROTOCOL_OPTIONS
+
+    assert {k: v for k, v in PROXY_PROTOCOL_OPTIONS.items() if v} == _engine.PP2_WANT
 
 
 def test_parsers_compiled_once():

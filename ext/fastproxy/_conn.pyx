@@ -1,14 +1,13 @@
 # cython: language_level=3
 """Ending connections: close both sides, account, report to Python, linger after a refusal."""
-from libc.stdlib cimport malloc, calloc, free
-from libc.string cimport memset, memcpy, memmove, memcmp
-from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
+from libc.stdlib cimport free
+from libc.stdint cimport uint8_t, uint64_t
 from system cimport *
 from openssl cimport *
 from fastproxy._defs cimport *
-from fastproxy._types cimport *
-from fastproxy._bufpool cimport *
-from fastproxy._transport cimport *
+from fastproxy._types cimport Core, Conn
+from fastproxy._bufpool cimport dir_release, pipe_put
+from fastproxy._transport cimport side_release_input, side_write, discard_input
 from mqtt cimport mqtt_build_connack, mqtt_connack_code
 
 

@@ -74,6 +74,10 @@ assert len(REASONS) == R_COUNT
 LIMITS = {"MAX_LISTENERS": MAX_LISTENERS, "MAX_UPSTREAMS": MAX_UPSTREAMS, "MAX_POOL": MAX_POOL,
           "MAX_SOURCES": MAX_SOURCES, "MAX_TRUSTED": MAX_TRUSTED, "PP_HEADER_MAX": PP_HEADER_MAX,
           "BAL_SOURCE": BAL_SOURCE, "PP_V2_SSL_CN": PP_V2_SSL_CN, "MIN_CONNECT_SIZE": MIN_CONNECT_SIZE}
+# HAProxy's proxy-v2-options that add TLVs -> the builder's PP2_WANT_* bits
+# (fastproxy.constants.PROXY_PROTOCOL_OPTIONS mirrors them; a test ties the two).
+PP2_WANT = {"authority": PP2_WANT_AUTHORITY, "cert-key": PP2_WANT_KEY_ALG, "cert-sig": PP2_WANT_SIG_ALG,
+            "ssl-cipher": PP2_WANT_CIPHER}
 IDENTITY_CLIENTID_CN = ID_CLIENTID_CN
 IDENTITY_USERNAME_CN = ID_USERNAME_CN
 
@@ -587,8 +591,9 @@ cdef class Engine:
                 new_id = <const char*>nb
                 new_len = len(nb)
             self.core.ctr.policy_answers += 1
+            # Ends c, or moves it on; a c that ends is freed after this epoll batch (the loop's
+            # conn_free_dead), never here: later events of the batch may still name it.
             connect_policy_answer(&self.core, c, action, rc5, upstream, new_id, new_len)
-            conn_free_dead(&self.core)
 
     cdef void _report(self, Conn* c) noexcept:
         # Once per connection. The callback only queues; should it raise anyway, the error is

@@ -2,17 +2,17 @@
 """The CONNECT stage: read the first packet, check it is a valid CONNECT, apply the built-in
 identity rules (ClientId / username == certificate CN) in C, and hand the connection to the
 policy gate (a Python thread answers later) or straight to the upstream stage."""
-from libc.stdlib cimport malloc, calloc, free
-from libc.string cimport memset, memcpy, memmove, memcmp
-from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy, memcmp
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from system cimport *
 from openssl cimport *
 from fastproxy._defs cimport *
-from fastproxy._types cimport *
-from fastproxy._bufpool cimport *
-from fastproxy._transport cimport *
+from fastproxy._types cimport Core, Conn, Dir, Listener
+from fastproxy._bufpool cimport dir_alloc, dir_release, dir_grow
+from fastproxy._transport cimport side_read, verified_cn
 from mqtt cimport *
-from fastproxy._conn cimport *
+from fastproxy._conn cimport conn_end, conn_refuse, conn_refuse_rc5
 from fastproxy._upstream cimport upstream_connect
 
 cdef void connect_begin(Core* e, Conn* c) noexcept nogil:

@@ -1,17 +1,17 @@
 # cython: language_level=3
 """The ingress stage: accept (with the connection cap and descriptor exhaustion), an optional
 PROXY header from a trusted load balancer, and the TLS handshake; then the CONNECT stage."""
-from libc.stdlib cimport malloc, calloc, free
-from libc.string cimport memset, memcpy, memmove, memcmp
-from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
+from libc.stdlib cimport calloc
+from libc.string cimport memset, memcpy
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from system cimport *
 from openssl cimport *
 from fastproxy._defs cimport *
-from fastproxy._types cimport *
-from fastproxy._bufpool cimport *
-from fastproxy._transport cimport *
+from fastproxy._types cimport Core, Conn, Side, Listener, Cidr
+from fastproxy._bufpool cimport pool_get
+from fastproxy._transport cimport side_release_input, tls_start, tls_handshake
 from proxyproto cimport pp_parse_ex, pp_result, PP_NEED_MORE, PP_VALID, PP2_CMD_PROXY, PP2_TCP4, PP2_TCP6
-from fastproxy._conn cimport *
+from fastproxy._conn cimport conn_end, conn_tag
 from fastproxy._identity cimport connect_begin
 
 cdef int ONE = 1

@@ -5,15 +5,13 @@ Edge-triggered epoll; each side remembers its unconsumed readiness, so a directi
 destination is full simply stops reading (backpressure) until the destination drains. At
 most one RELAY_BUF buffer (or one pipe, with splice) per direction is held, and only while
 bytes are in flight: an idle connection holds neither."""
-from libc.stdlib cimport malloc, calloc, free
-from libc.string cimport memset, memcpy, memmove, memcmp
-from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
+from libc.stdint cimport uint32_t, uint64_t
 from system cimport *
 from openssl cimport *
 from fastproxy._defs cimport *
-from fastproxy._types cimport *
-from fastproxy._bufpool cimport *
-from fastproxy._transport cimport *
+from fastproxy._types cimport Core, Conn, Side, Dir
+from fastproxy._bufpool cimport dir_alloc, dir_release, pipe_get, pipe_put
+from fastproxy._transport cimport side_has_input, side_read, side_write, side_shutdown_write
 from fastproxy._conn cimport conn_end
 
 cdef void relay_start(Core* e, Conn* c) noexcept nogil:

@@ -1,18 +1,17 @@
 # cython: language_level=3
 """The upstream stage: choose the server (balance, health, maxconn), connect (source addresses,
 retry on the next server), and put the PROXY header in front of the first bytes."""
-from libc.stdlib cimport malloc, calloc, free
-from libc.string cimport memset, memcpy, memmove, memcmp
-from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
+from libc.stdlib cimport malloc
+from libc.string cimport memset, memcpy, memmove
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from system cimport *
 from openssl cimport *
 from fastproxy._defs cimport *
-from fastproxy._types cimport *
-from fastproxy._bufpool cimport *
-from fastproxy._transport cimport *
+from fastproxy._types cimport Core, Conn, Side, Dir, Listener, Upstream
+from fastproxy._bufpool cimport dir_alloc, dir_release
 from proxyproto cimport *
 from proxyproto_ssl cimport *
-from fastproxy._conn cimport *
+from fastproxy._conn cimport conn_end, conn_refuse_rc5, conn_release_server, conn_tag
 from fastproxy._relay cimport relay_start
 from fastproxy._balance cimport pick_server
 
