@@ -52,10 +52,10 @@ if os.environ.get("OPENSSL_INCLUDE"):
     include_dirs.append(os.environ["OPENSSL_INCLUDE"])
 library_dirs = [os.environ["OPENSSL_LIB"]] if os.environ.get("OPENSSL_LIB") else []
 
-# The plain C parsers (MQTT CONNECT, PROXY v1/v2) are compiled once into a static library and
+# The plain C parsers (MQTT CONNECT, PROXY v1/v2, WebSocket) are compiled once into a static library and
 # linked into each module that calls them: the engine's stages without a Python hop, the
 # wrappers (_mqtt, _proxyproto) for tests and fuzzers.
-PARSERS = ["ext/src/mqtt_connect.c", "ext/src/proxy_v2.c"]
+PARSERS = ["ext/src/mqtt_connect.c", "ext/src/proxy_v2.c", "ext/src/ws.c"]
 WITH_PARSERS: set[str] = set()
 
 
@@ -96,10 +96,13 @@ extensions = [
     ext("_balance"),
     ext("_sim"),
     ext("_transport", ssl=True),
+    ext("_admission"),
+    ext("_wscodec", ssl=True, parsers=True),
     ext("_conn", ssl=True, parsers=True),
     ext("_relay", ssl=True),
     ext("_upstream", ssl=True, parsers=True),
     ext("_identity", ssl=True, parsers=True),
+    ext("_websocket", ssl=True, parsers=True),
     ext("_ingress", ssl=True, parsers=True),
     ext("_engine", ssl=True),
 ]

@@ -6,7 +6,8 @@ started through `Procs` runs in its own session (process group) and is stopped b
 
 Measuring a proxy: each proxy is started with `start_new_session=True`, so its process group id
 is its pid and every process it forks (nginx's worker, fastproxy's workers) stays in that group.
-`group_cpu()` sums CPU time over all processes of the group, `group_rss_kib()` sums VmRSS.
+`group_cpu()` sums CPU time over all processes of the group, `group_rss_kib()` sums VmRSS,
+`group_fd_count()` their open descriptors.
 """
 from __future__ import annotations
 
@@ -290,6 +291,17 @@ def group_rss_kib(pgid: int) -> int:
                     if line.startswith("VmRSS:"):
                         total += int(line.split()[1])
                         break
+        except OSError:
+            pass
+    return total
+
+
+def group_fd_count(pgid: int) -> int:
+    """Open file descriptors summed over the processes of the group (/proc/<pid>/fd entries)."""
+    total = 0
+    for pid in group_pids(pgid):
+        try:
+            total += len(os.listdir(f"/proc/{pid}/fd"))
         except OSError:
             pass
     return total

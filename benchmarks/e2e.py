@@ -11,6 +11,7 @@ by the load generator, not by the proxy. See benchmarks/README.md.
     python3 benchmarks/e2e.py --json out.json               # full run (< 10 minutes on 2 cores)
     python3 benchmarks/e2e.py --only haproxy,nginx --scenarios msg64,idle
     python3 benchmarks/e2e.py --only fastproxy --scenarios pool --pool-size 3   # pool of 3 vs 1 broker
+    python3 benchmarks/e2e.py --scenarios silent            # RSS per silent (pre-TLS) socket, ~1 min/round
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from common import (  # noqa: E402
     free_port,
     gen_certs,
     group_cpu,
+    group_fd_count,
     group_pids,
     group_rss_kib,
     log,
@@ -59,13 +61,18 @@ from common import (  # noqa: E402
 
 PROXIES = ("fastproxy", "haproxy", "nginx")
 PEERS = ("haproxy", "nginx")
-SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "latency", "connect", "connect-pp", "pool")
+SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "silent", "latency", "connect", "connect-pp", "pool")
 DEFAULT_SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "latency")
 # connect-pp: fastproxy alone, without and with a PROXY v2 header (+ SSL TLVs + CN) toward a fake broker
 PP_VARIANTS = ("fastproxy", "fastproxy+v2-ssl-cn")
 # pool: fastproxy alone, QoS 0 messages from --pool-clients publishers, with 1 upstream broker and with
 # a pool of --pool-size brokers (the publishers' ClientIds spread over them by the clientid balance)
 POOL_TARGET_PCT = 5.0
+# silent: the proxies' TLS handshake timeouts in that scenario (fastproxy --handshake-timeout, nginx
+# ssl_handshake_timeout; HAProxy's is its `timeout client`, 1 h), so that no silent socket is closed while measured
+SILENT_HS_TIMEOUT_S = 120
+# silent: after the sockets are closed, sample the proxy's RSS for up to this long (report the last value)
+SILENT_TRIM_WAIT_S = 15.0
 
 
 def pool_variants(n: int) -> tuple[str, str]:
@@ -99,6 +106,9 @@ METRICS = (
     Metric("idle", "kib_per_conn", "proxy RSS per idle mTLS connection", "KiB/conn", True, ("abs", 14.0), "{:.1f}"),
     Metric("idle", "rss_before_kib", "proxy RSS with no connection (baseline)", "KiB", True, None, "{:,.0f}"),
     Metric("idle", "handshake_cpu_ms", "proxy CPU per mTLS connection setup", "ms/conn", True, None, "{:.3f}"),
+    Metric("silent", "kib_per_silent_conn", "proxy RSS per silent socket", "KiB/conn", True,
+           ("abs", 4.0), "{:.2f}"),
+    Metric("silent", "rss_after_close_kib", "RSS above baseline after they closed", "KiB", True, None, "{:,.0f}"),
     Metric("latency", "added_p50_us", "added round-trip latency p50", "µs", True, ("peer", 1.0), "{:.0f}"),
     Metric("latency", "added_p99_us", "added round-trip latency p99", "µs", True, ("peer", 1.0), "{:.0f}"),
     # connect: ratios to HAProxy, the only peer doing the same job (nginx: plain mTLS, no ClientId check)
@@ -184,10 +194,16 @@ class Bench:
         self.a = a
         # each relayed session holds 2 fds in the proxy: keep 2 x maxconn under the fd limit
         self.nofile = nofile_target()
-        self.maxconn = min(max(2000, a.idle_conns + 1000), (self.nofile - 100) // 2)
+        # (a silent socket holds 1 fd in the proxy, and 1 in the loadgen process holding it)
+        want = max(a.idle_conns if "idle" in a.scenarios else 0, a.silent_conns if "silent" in a.scenarios else 0)
+        self.maxconn = min(max(2000, want + 1000), (self.nofile - 100) // 2)
         if a.idle_conns + 10 > self.maxconn and "idle" in a.scenarios:
             raise BenchError(f"--idle-conns {a.idle_conns} needs about {2 * a.idle_conns + 200} file descriptors "
                              f"per proxy; RLIMIT_NOFILE hard limit is {self.nofile}")
+        if a.silent_conns + 10 > self.maxconn and "silent" in a.scenarios:
+            raise BenchError(f"--silent-conns {a.silent_conns} needs about {2 * a.silent_conns + 200} file "
+                             f"descriptors per proxy (HAProxy maxconn / nginx worker_connections are sized "
+                             f"at 2 per session); RLIMIT_NOFILE hard limit is {self.nofile}")
         self.procs = Procs()
         self.tmp = tempfile.mkdtemp(prefix="fastproxy-e2e-")
         self.certs: Certs = gen_certs(os.path.join(self.tmp, "certs"))
@@ -254,10 +270,15 @@ class Bench:
 
     def start_proxy(self, name: str, upstream_port: int, check_clientid: bool = False,
                     proxy_protocol: str | None = None,
-                    fastproxy_args: Sequence[str] = ()) -> tuple[subprocess.Popen, int]:
+                    fastproxy_args: Sequence[str] = (),
+                    handshake_timeout: int | None = None) -> tuple[subprocess.Popen, int]:
         """check_clientid: the `connect` job (ClientId must equal the client certificate's CN);
         nginx cannot do it without njs and ignores it (plain mTLS reference).
-        fastproxy_args: more `fastproxy serve` options (e.g. further --upstream: a pool); fastproxy only."""
+        fastproxy_args: more `fastproxy serve` options (e.g. further --upstream: a pool); fastproxy only.
+        handshake_timeout: seconds a client may take from accept to the end of its TLS handshake
+        (fastproxy --handshake-timeout, nginx ssl_handshake_timeout; HAProxy 2.6 bounds the handshake
+        with `timeout client`, 1 h here, so it needs nothing); None: each proxy's default (fastproxy
+        10 s, HAProxy 1 h, nginx 60 s)."""
         if fastproxy_args and name != "fastproxy":
             raise ValueError("fastproxy_args: fastproxy only")
         port = free_port()
@@ -288,6 +309,8 @@ class Bench:
                 argv.append("--require-clientid-cn")
             if proxy_protocol:
                 argv += ["--proxy-protocol", proxy_protocol]
+            if handshake_timeout is not None:
+                argv += ["--handshake-timeout", f"{handshake_timeout}s"]
             argv += list(fastproxy_args)
             env = dict(os.environ)
             env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -303,6 +326,8 @@ class Bench:
                     "defaults\n"
                     "    mode tcp\n"
                     "    timeout connect 5s\n"
+                    # also the TLS handshake timeout: 2.6 has no `timeout client-hs` (2.8+), and
+                    # 2.8+ falls back to `timeout client` without one (handshake_timeout: 1 h >= it)
                     "    timeout client 1h\n"
                     "    timeout server 1h\n"
                     f"    maxconn {self.maxconn}\n"
@@ -338,7 +363,8 @@ class Bench:
                     f"        ssl_conf_command Ciphersuites {self.a.tls_suite};\n"
                     "        ssl_verify_client on;\n"
                     f"        ssl_client_certificate {c.ca};\n"
-                    "        proxy_connect_timeout 5s;\n"
+                    + (f"        ssl_handshake_timeout {handshake_timeout}s;\n" if handshake_timeout is not None else "")
+                    + "        proxy_connect_timeout 5s;\n"
                     "        proxy_timeout 1h;\n"
                     f"        proxy_pass 127.0.0.1:{upstream_port};\n"
                     "    }\n"
@@ -744,6 +770,125 @@ class Bench:
             res["warning"] = f"{failed} connections failed ({reasons}), {closed_while_idle} closed while idle"
         return res
 
+    def run_silent(self, proxy: str) -> dict:
+        """The pre-authentication memory cost: --silent-conns plain TCP sockets to the TLS port that
+        never send a byte. RSS per silent socket while they are held, RSS above the baseline after they
+        are closed (sampled for up to SILENT_TRIM_WAIT_S, last value), and whether a real device
+        (mosquitto_pub -q 1, mTLS) is served while they are held."""
+        px, port = self.start_proxy(proxy, self.broker_port, handshake_timeout=SILENT_HS_TIMEOUT_S)
+        holder: tuple[subprocess.Popen, LineQueue] | None = None
+        n = self.a.silent_conns
+        try:
+            # one warm-up mTLS session so that lazily initialised state is in the baseline (as in idle)
+            subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), *self.tls_args(),
+                            "-t", "bench/warmup", "-m", "w", "-i", self._name("warm")],
+                           timeout=15, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.3)
+            fd0 = group_fd_count(px.pid)
+            rss0 = group_rss_kib(px.pid)
+            t0 = time.monotonic()
+            h = self.procs.start("silent", [PY, LOADGEN, "silent", "--port", str(port), "--conns", str(n),
+                                            "--open-seconds", str(self.a.step_timeout),
+                                            "--max-seconds", str(self.a.step_timeout + SILENT_HS_TIMEOUT_S)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, log_path=self.path("silent.log"))
+            holder = (h, LineQueue(h.stdout))
+            ready = holder[1].get_json(self.a.step_timeout + 30)
+            t_open = time.monotonic() - t0
+            ok = ready["ok"]
+            # accepted by the proxy: its descriptors (all processes of the group) grew by one per socket;
+            # wait until they all are, or no progress for 3 s
+            last, last_change = -1, time.monotonic()
+            deadline = time.monotonic() + self.a.step_timeout
+            while True:
+                accepted = group_fd_count(px.pid) - fd0
+                if accepted >= ok or time.monotonic() > deadline:
+                    break
+                if accepted != last:
+                    last, last_change = accepted, time.monotonic()
+                elif time.monotonic() - last_change > 3:
+                    break
+                time.sleep(0.1)
+            t_accepted = time.monotonic() - t0
+            time.sleep(1.0)  # settle
+            samples = []
+            for _ in range(3):
+                samples.append(group_rss_kib(px.pid))
+                time.sleep(0.3)
+            rss1 = max(samples)
+            accepted = group_fd_count(px.pid) - fd0
+            # a real device while they are held: mTLS, CONNECT, PUBLISH QoS 1 (PUBACK from the broker)
+            td = time.monotonic()
+            try:
+                r = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), *self.tls_args(),
+                                    "-t", "bench/silent", "-m", "d", "-q", "1", "-i", self._name("device")],
+                                   timeout=15, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                device_ok = r.returncode == 0
+                device_err = r.stderr.decode(errors="replace").strip()[-200:] if not device_ok else ""
+            except subprocess.TimeoutExpired:
+                device_ok, device_err = False, "mosquitto_pub timed out (15 s)"
+            device_s = time.monotonic() - td
+            time.sleep(0.2)
+            rss_device = group_rss_kib(px.pid)  # the device's session has come and gone
+            # close them all (the holder closes its sockets when its stdin closes)
+            try:
+                h.stdin.close()
+            except OSError:
+                pass
+            try:
+                end = holder[1].get_json(60)
+            except BenchError as e:
+                end = {"error": str(e)}
+            self.procs.stop(h, timeout=10)
+            holder = None
+            t_close = time.monotonic()
+            # memory given back: sample for up to SILENT_TRIM_WAIT_S; stop early once >= 95 % of the
+            # growth is back (or RSS is at / below the baseline); the figure is the last sample
+            grown = max(0, rss1 - rss0)
+            series: list[tuple[float, int]] = []
+            while True:
+                time.sleep(0.5)
+                v = group_rss_kib(px.pid)
+                dt = time.monotonic() - t_close
+                series.append((round(dt, 2), v - rss0))
+                if v - rss0 <= 0.05 * grown or dt >= SILENT_TRIM_WAIT_S:
+                    break
+            fds_after = group_fd_count(px.pid) - fd0
+            self.stop_proxy(proxy, px)
+            px = None
+        finally:
+            if holder is not None:
+                self.procs.stop(holder[0])
+            if px is not None:
+                self.procs.stop(px)
+        after = series[-1][1]
+        res: dict = {"conns": n, "conns_ok": ok, "conns_failed": ready["failed"], "accepted": accepted,
+                     "open_s": round(t_open, 3), "accepted_s": round(t_accepted, 3),
+                     "rss_before_kib": rss0, "rss_held_kib": rss1,
+                     "kib_per_silent_conn": (rss1 - rss0) / ok if ok else None,
+                     "rss_after_close_kib": after, "rss_after_close_abs_kib": rss0 + after,
+                     "rss_after_close_s": series[-1][0], "rss_after_close_series": series,
+                     "fds_after_close": fds_after,
+                     "closed_while_held": end.get("closed_while_held"),
+                     "first_close_after_s": end.get("first_close_after_s"),
+                     "device_ok": device_ok, "device_s": round(device_s, 3),
+                     "rss_after_device_kib": rss_device,
+                     "handshake_timeout_s": SILENT_HS_TIMEOUT_S}
+        if device_err:
+            res["device_error"] = device_err
+        warn = []
+        if ready["failed"]:
+            warn.append(f"{ready['failed']} sockets failed to connect ({ready['reasons']})")
+        if accepted < ok:
+            warn.append(f"the proxy holds {accepted} descriptors more than before for {ok} sockets")
+        if end.get("closed_while_held"):
+            warn.append(f"{end['closed_while_held']} sockets closed by the proxy while held "
+                        f"(first after {end.get('first_close_after_s')} s)")
+        if "error" in end:
+            warn.append(f"silent holder: {end['error']}")
+        if warn:
+            res["warning"] = "; ".join(warn)
+        return res
+
     def run_latency(self, proxy: str) -> dict:
         """1000 msg/s QoS 0, publisher and subscriber both through the proxy (or both direct)."""
         px = None
@@ -950,7 +1095,7 @@ def run(a: argparse.Namespace) -> dict:
     b = Bench(a)
     results: list[dict] = []
     try:
-        if set(a.scenarios) & {"msg64", "msg1k", "idle", "latency", "connect"}:
+        if set(a.scenarios) & {"msg64", "msg1k", "idle", "silent", "latency", "connect"}:
             b.start_broker()
         if "bulk" in a.scenarios:
             b.start_sink()
@@ -969,6 +1114,7 @@ def run(a: argparse.Namespace) -> dict:
             "msg1k": lambda p: b.run_msg(p, 1024),
             "bulk": b.run_bulk,
             "idle": b.run_idle,
+            "silent": b.run_silent,
             "latency": b.run_latency,
             "connect": b.run_connect,
             "connect-pp": lambda v: b.run_connect("fastproxy", pp_variant=v),
@@ -1017,6 +1163,7 @@ def run(a: argparse.Namespace) -> dict:
     return {"proxies": proxies, "skipped": skipped, "results": results, "notes": b.notes,
             "background_busy": b.background,
             "pool_variants": list(pool_variants(a.pool_size)) if "pool" in a.scenarios else [],
+            "silent_conns": a.silent_conns if "silent" in a.scenarios else None,
             "wall_s": round(time.monotonic() - t_start, 1)}
 
 
@@ -1032,6 +1179,11 @@ def _brief(sc: str, r: dict) -> str:
     elif sc == "idle":
         s = (f"{r['conns_ok']} conns in {r['open_s']:.1f}s, rss {r['rss_before_kib']} -> {r['rss_idle_kib']} KiB, "
              f"{(r['kib_per_conn'] or 0):.1f} KiB/conn, {(r['handshake_cpu_ms'] or 0):.3f} ms/handshake")
+    elif sc == "silent":
+        s = (f"{r['conns_ok']} silent sockets ({r['accepted']} accepted) in {r['accepted_s']:.1f}s, "
+             f"rss {r['rss_before_kib']} -> {r['rss_held_kib']} KiB, {(r['kib_per_silent_conn'] or 0):.2f} KiB/conn; "
+             f"after close {r['rss_after_close_kib']:+} KiB at {r['rss_after_close_s']:.1f}s; "
+             f"device {'ok' if r['device_ok'] else 'FAILED'}")
     elif sc == "pool":
         s = (f"{r.get('count')}/{r.get('expected')} msgs from {r['clients']} clients, per broker {r['per_broker']}, "
              f"{r.get('msgs_per_s') or 0:,.0f} msg/s, {(r['cpu_us_per_msg'] or 0):.3f} µs/msg (cpu {r['cpu_s']:.3f}s)")
@@ -1119,6 +1271,15 @@ def summarize(out: dict) -> dict:
                 vals[p] = median(xs)
         if vals:
             summary[f"latency.{key}"] = {"label": f"round trip {key[:3]} (absolute)", "unit": "µs", "median": vals}
+    # silent: was a real device served while the silent sockets were held (a note, not a gate)
+    dev = {}
+    for p in out["proxies"]:
+        rows = [r for r in res if r["scenario"] == "silent" and r["proxy"] == p and "device_ok" in r]
+        if rows:
+            dev[p] = {"ok": sum(1 for r in rows if r["device_ok"]), "runs": len(rows)}
+    if dev:
+        summary["silent.device"] = {"label": "device served (mosquitto_pub -q 1, mTLS) while the silent sockets "
+                                             "were held", "per_proxy": dev}
     # connect-pp: fastproxy without / with --proxy-protocol v2-ssl-cn, same workload, same fake broker
     base, pp = PP_VARIANTS
     rows = {v: by.get(("connect-pp", v), []) for v in PP_VARIANTS}
@@ -1224,6 +1385,11 @@ def print_table(out: dict, summary: dict) -> None:
     if summary.get("connect.cpu_ms_per_conn", {}).get("median"):
         print("connect rows: (x) = ratio to HAProxy (the only peer doing the same job: verify required + ClientId == CN);"
               "\n  nginx there is a plain mTLS reference (no MQTT parsing, no ClientId check), not the same job.")
+    dev = summary.get("silent.device")
+    if dev:
+        cells = ", ".join(f"{p} {d['ok']}/{d['runs']} ok" for p, d in dev["per_proxy"].items())
+        print(f"silent: a device (mosquitto_pub -q 1, mTLS) through the proxy while {out.get('silent_conns')} silent "
+              f"sockets were held: {cells}")
     pp = summary.get("connect-pp")
     if pp:
         base, ppv = PP_VARIANTS
@@ -1274,6 +1440,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--messages", type=int, help="messages per msg64/msg1k run (default 200000; --quick 20000)")
     p.add_argument("--bulk-mb", type=int, help="MiB pushed per bulk run (default 1024; --quick 128)")
     p.add_argument("--idle-conns", type=int, help="idle mTLS connections (default 5000; --quick 500)")
+    p.add_argument("--silent-conns", type=int,
+                   help="silent scenario: plain TCP sockets to the TLS port that send nothing (default 5000; "
+                        "--quick 500)")
     p.add_argument("--latency-seconds", type=float, help="seconds per latency run (default 5; --quick 2)")
     p.add_argument("--latency-rate", type=float, default=1000, help="messages/s in the latency run (default 1000)")
     p.add_argument("--only", default=",".join(PROXIES), help="comma list of: " + ",".join(PROXIES))
@@ -1312,14 +1481,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     q = a.quick
     for name, full, quick in (("rounds", 3, 1), ("messages", 200_000, 20_000), ("bulk_mb", 1024, 128),
-                              ("idle_conns", 5000, 500), ("latency_seconds", 5.0, 2.0),
+                              ("idle_conns", 5000, 500), ("silent_conns", 5000, 500), ("latency_seconds", 5.0, 2.0),
                               ("connect_conns", 3000, 300)):
         if getattr(a, name) is None:
             setattr(a, name, quick if q else full)
     a.only = comma_choices(p, "--only", a.only, PROXIES, "proxy")
     a.scenarios = comma_choices(p, "--scenarios", a.scenarios, SCENARIOS, "scenario")
-    if a.rounds < 1 or a.messages < 1 or a.bulk_mb < 1 or a.idle_conns < 1 or a.connect_conns < 1:
-        p.error("--rounds, --messages, --bulk-mb and --idle-conns must be positive")
+    if (a.rounds < 1 or a.messages < 1 or a.bulk_mb < 1 or a.idle_conns < 1 or a.connect_conns < 1
+            or a.silent_conns < 1):
+        p.error("--rounds, --messages, --bulk-mb, --idle-conns, --silent-conns and --connect-conns must be positive")
     if not 2 <= a.pool_size <= 64 or a.pool_clients < 1 or a.pool_msg_size < 1:
         p.error("--pool-size must be 2..64, --pool-clients and --pool-msg-size positive")
     if "pool" in a.scenarios and a.messages < a.pool_clients:

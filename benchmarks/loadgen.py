@@ -3,6 +3,7 @@
     loadgen.py sink     --port P                         plain TCP sink; one JSON line per connection
     loadgen.py bulk     --port P --mb N --ca --cert --key  push N MiB of MQTT PUBLISH packets over mTLS
     loadgen.py idle     --port P --conns N ...            open N mTLS + MQTT CONNECT/CONNACK sessions, hold
+    loadgen.py silent   --port P --conns N                open N plain TCP connections that send nothing, hold
     loadgen.py latency  --port P [--ca --cert --key] ...  1000 msg/s QoS 0 round trip, pub + sub
     loadgen.py connect  --port P --conns N ...            N x (mTLS handshake, CONNECT, CONNACK, DISCONNECT)
     loadgen.py broker   --port P                          fake MQTT broker: skips a PROXY v1/v2 header,
@@ -287,6 +288,102 @@ def cmd_idle(a: argparse.Namespace) -> int:
                     pass
             key.data.ssl.close()
     emit({"closed_while_idle": closed_while_idle, "closed_at_end": n_open})
+    return 0
+
+
+# --------------------------------------------------------------------------- silent
+
+
+def cmd_silent(a: argparse.Namespace) -> int:
+    """Open --conns plain TCP connections (at most --concurrency connecting at once) that never send
+    a byte; report; hold them until stdin closes (or --max-seconds), counting the ones the server
+    closes (or sends something on) meanwhile; close them all."""
+    signal.signal(signal.SIGTERM, _term)
+    sel = selectors.DefaultSelector()
+    connecting: dict[socket.socket, float] = {}
+    held: list[socket.socket] = []
+    failed: list[str] = []
+    started = 0
+    t_start = time.monotonic()
+    deadline = t_start + a.open_seconds
+    while (started < a.conns or connecting) and time.monotonic() < deadline:
+        while started < a.conns and len(connecting) < a.concurrency:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            started += 1
+            rc = s.connect_ex((a.host, a.port))
+            if rc not in (0, errno.EINPROGRESS):
+                failed.append(f"connect: {os.strerror(rc)}")
+                s.close()
+                continue
+            connecting[s] = time.monotonic()
+            sel.register(s, selectors.EVENT_WRITE)
+        for key, _ in sel.select(timeout=0.2):
+            s = key.fileobj
+            sel.unregister(s)
+            del connecting[s]
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                failed.append(f"connect: {os.strerror(err)}")
+                s.close()
+            else:
+                held.append(s)
+        now = time.monotonic()
+        for s, t0 in list(connecting.items()):
+            if now - t0 > a.conn_timeout:
+                sel.unregister(s)
+                del connecting[s]
+                failed.append("connect: timeout")
+                s.close()
+    if connecting:
+        failed.append(f"{len(connecting)} still connecting at the deadline")
+        for s in connecting:
+            sel.unregister(s)
+            s.close()
+    reasons: dict[str, int] = {}
+    for r in failed:
+        reasons[r] = reasons.get(r, 0) + 1
+    emit({"ready": True, "ok": len(held), "failed": len(failed), "reasons": reasons,
+          "open_seconds": round(time.monotonic() - t_start, 3)})
+
+    # hold: watch stdin (EOF = stop) and the sockets (a readable silent socket was closed or answered)
+    for s in held:
+        sel.register(s, selectors.EVENT_READ)
+    try:
+        sel.register(sys.stdin, selectors.EVENT_READ, "stdin")
+    except (ValueError, PermissionError):
+        pass
+    closed_while_held = 0
+    data_received = 0
+    t_hold = time.monotonic()
+    first_close_s = None
+    hold_deadline = t_hold + a.max_seconds
+    stop = False
+    while not stop and time.monotonic() < hold_deadline:
+        for key, _ in sel.select(timeout=0.5):
+            if key.data == "stdin":
+                if not os.read(sys.stdin.fileno(), 4096):
+                    stop = True
+                continue
+            s = key.fileobj
+            try:
+                data = s.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if data:
+                data_received += 1
+            closed_while_held += 1
+            if first_close_s is None:
+                first_close_s = round(time.monotonic() - t_hold, 3)
+            sel.unregister(s)
+            s.close()
+            held.remove(s)
+    for s in held:
+        s.close()
+    emit({"closed_while_held": closed_while_held, "answered_while_held": data_received,
+          "first_close_after_s": first_close_s, "closed_at_end": len(held)})
     return 0
 
 
@@ -639,6 +736,13 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--keepalive", type=int, default=3600)
     sp.add_argument("--disconnect", action="store_true", help="send DISCONNECT before closing")
 
+    sp = sub.add_parser("silent")
+    common(sp, False)
+    sp.add_argument("--conns", type=int, default=5000)
+    sp.add_argument("--concurrency", type=int, default=256, help="connections being opened at once")
+    sp.add_argument("--open-seconds", type=float, default=180)
+    sp.add_argument("--conn-timeout", type=float, default=30)
+
     sp = sub.add_parser("latency")
     common(sp, False)
     sp.add_argument("--rate", type=float, default=1000)
@@ -659,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
 
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _term)
-    return {"sink": cmd_sink, "bulk": cmd_bulk, "idle": cmd_idle, "latency": cmd_latency,
+    return {"sink": cmd_sink, "bulk": cmd_bulk, "idle": cmd_idle, "silent": cmd_silent, "latency": cmd_latency,
             "connect": cmd_connect, "broker": cmd_broker}[a.cmd](a)
 
 

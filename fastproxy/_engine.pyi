@@ -8,6 +8,8 @@ from .config import ListenerConfig
 REASONS: tuple[tuple[str, int], ...]
 # The engine's table sizes and mode bounds, mirrored in fastproxy.constants (a test ties them).
 LIMITS: dict[str, int]
+# Kinds of the conditions reported to on_notice (rate-limited warnings), in enum order.
+NOTICES: tuple[str, ...]
 IDENTITY_CLIENTID_CN: int
 IDENTITY_USERNAME_CN: int
 
@@ -26,6 +28,7 @@ class Engine:
         *,
         on_close: Callable[[EngineRecord], None] | None = ...,
         on_connect: Callable[[int, PolicyRequest], None] | None = ...,
+        on_notice: Callable[[str, int], None] | None = ...,
         max_connections: int = ...,
         policy_timeout: float = ...,
     ) -> None: ...

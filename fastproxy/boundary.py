@@ -134,8 +134,8 @@ class RecordSink:
             try:
                 self._handler(rec)
             except Exception:
-                self.errors += 1
                 server_log.exception("connection record handler (access log / on_record) failed")
+                self.errors += 1    # after the log line: whoever sees the count finds the line
 
     def stop(self, timeout: float = 5.0) -> None:
         """Deliver what is queued (at most `timeout` seconds), then end the thread."""

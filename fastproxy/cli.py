@@ -13,6 +13,7 @@ import sys
 import traceback
 from typing import Any, Sequence
 
+from . import constants as C
 from . import __version__
 from .config import Config, build_config, flag_for, load_config
 from .errors import ConfigError, FastproxyError
@@ -39,6 +40,13 @@ _VALUE_FLAGS: list[tuple[str, str, str]] = [
     ("proxy_protocol_options", "LIST", "extra PROXY v2 TLVs, HAProxy's proxy-v2-options: authority,cert-key,cert-sig,ssl-cipher,crc32c"),
     ("proxy_protocol_max_len", "BYTES", "refuse to send a longer PROXY header (default 500, Mosquitto's limit)"),
     ("trusted_proxies", "CIDR,...", "load balancers allowed to send PROXY headers (with --accept-proxy-protocol)"),
+    ("ws_origins", "ORIGIN,...", "WebSocket: allowed Origin values, e.g. https://app.example.com (others: 403)"),
+    ("ws_max_frame", "SIZE", "WebSocket: largest client frame (default 1MiB; larger: close 1009)"),
+    ("allow", "CIDR,...", "accept clients from these networks only (checked at accept, before TLS)"),
+    ("deny", "CIDR,...", "refuse clients from these networks (checked at accept, before TLS; wins over --allow)"),
+    ("max_conns_per_ip", "N", "live connections per client address (IPv6: per /64) before TLS; 0: no limit (default)"),
+    ("conn_rate_per_ip", "R[/BURST]", "new connections per second per client address (IPv6: per /64), token bucket"),
+    ("reconnect_rate_per_clientid", "R[/BURST]", "CONNECTs per second per ClientId; faster gets CONNACK 0x89 (3.x: 0x03)"),
     ("upstream_connect_timeout", "DUR", "timeout for connecting to the broker (default 5s)"),
     ("handshake_timeout", "DUR", "TLS handshake timeout (default 10s)"),
     ("idle_timeout", "DUR|keepalive", "close a session idle this long (default 60s); 'keepalive': 1.5 x the CONNECT's"),
@@ -49,7 +57,9 @@ _VALUE_FLAGS: list[tuple[str, str, str]] = [
     ("access_log", "PATH|-|off", "access log file, '-' for stdout, 'off' (default -)"),
     ("error_log", "PATH|-", "error log file, '-' for stderr (default -)"),
     ("log_level", "LEVEL", "debug, info, warning or error (default info)"),
-    ("max_connections", "N", "per-worker connection limit (default 100000)"),
+    ("max_connections", "N|auto", "per-worker connection limit; auto (default): from the descriptor limit and memory, printed at start"),
+    ("user", "USER", "after binding the ports and reading keys, run as this user (started as root; nginx's user)"),
+    ("group", "GROUP", "... and as this group (default: the user's primary group)"),
     ("policy_threads", "N", "threads that run policy hooks, per worker (default 4)"),
     ("policy_timeout", "DUR", "a policy hook that has not answered within this refuses the client: "
                               "CONNACK 0x88 (3.x: 0x03), reason policy-timeout (default 5s)"),
@@ -62,7 +72,8 @@ _VALUE_FLAGS: list[tuple[str, str, str]] = [
     ("health_timeout", "DUR", "a check fails without a CONNACK within this (default 2s)"),
     ("health_rise", "N", "good checks that bring a down server back (default 2)"),
     ("health_fall", "N", "failed checks (or failed client connects in a row) that mark a server down (default 3)"),
-    ("health_check", "KIND", "mqtt (CONNECT -> CONNACK, default) or tcp (connect only)"),
+    ("health_check", "KIND", "mqtt (CONNECT -> CONNACK; the default with MQTT awareness) or tcp (connect only; the default with --mqtt off)"),
+    ("health_check_identity", "CN", "certificate CN the checks present in the PROXY SSL TLV to v2-ssl/v2-ssl-cn servers (default fastproxy-health)"),
     ("health_proxy_command", "CMD", "PROXY header of checks to servers that get one: proxy (default) or local"),
     ("on_marked_down", "ACTION", "none (default) or shutdown-sessions: close the sessions of a server marked down"),
     ("admin", "ADDR", "loopback address of the JSON status endpoint read by `fastproxy status` (e.g. 127.0.0.1:8404)"),
@@ -98,6 +109,17 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     for key, help_ in _BOOL_FLAGS:
         p.add_argument(flag_for(key), dest=key, action="store_true", default=None, help=help_)
     p.add_argument(
+        "--websocket",
+        metavar="PATH",
+        nargs="?",
+        const=C.WS_PATH,
+        action="append",
+        help="the listener speaks MQTT over WebSocket (ws, or wss with --tls-cert) on PATH (default /mqtt; "
+        "repeatable); the broker gets plain MQTT (file key: websocket, a list)",
+    )
+    p.add_argument(flag_for("ws_passthrough"), dest="ws_passthrough", action="store_true", default=None,
+                   help="relay the upgrade to a broker that speaks WebSocket itself (file key: ws_passthrough)")
+    p.add_argument(
         "--named-upstream",
         metavar="NAME=ADDR",
         action="append",
@@ -115,6 +137,10 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
         v = getattr(ns, key, None)
         if v is not None:
             out[key] = v
+    if getattr(ns, "websocket", None):
+        out["websocket"] = ns.websocket
+    if getattr(ns, "ws_passthrough", None) is not None:
+        out["ws_passthrough"] = ns.ws_passthrough
     if ns.named_upstream:
         named = {}
         for item in ns.named_upstream:

@@ -130,7 +130,19 @@ class ListenerConfig:
     health_timeout: float = C.HEALTH_TIMEOUT_S
     health_rise: int = 2
     health_fall: int = 3
-    health_check: str = "mqtt"          # mqtt (CONNECT -> CONNACK) or tcp (connect only)
+    health_check: str = "mqtt"          # mqtt (CONNECT -> CONNACK) or tcp (connect only); tcp with mqtt off
+    health_check_identity: str = C.HEALTH_CHECK_IDENTITY  # CN in the SSL TLV of checks to v2-ssl(-cn)
+    # Admission (before TLS; the ClientId rate after the CONNECT and its identity rules)
+    allow: tuple[str, ...] = ()          # only clients from these networks (empty: all)
+    deny: tuple[str, ...] = ()           # never clients from these networks
+    max_conns_per_ip: int = 0            # live connections per client address (IPv6: per /64); 0: no limit
+    conn_rate_per_ip: tuple[float, float] | None = None           # (new connections per second, burst)
+    reconnect_rate_per_clientid: tuple[float, float] | None = None  # (CONNECTs per second, burst)
+    # MQTT over WebSocket (RFC 6455): the listener's paths; empty: not a WebSocket listener
+    websocket: tuple[str, ...] = ()
+    ws_passthrough: bool = False         # relay the upgrade to a broker that speaks WebSocket
+    ws_origins: tuple[str, ...] = ()     # allowed Origin values (empty: any)
+    ws_max_frame: int = C.WS_MAX_FRAME   # larger client frames: close 1009
     health_proxy_command: str = "proxy"  # PROXY header of checks to PROXY servers: proxy or local
     on_marked_down: str = "none"        # or shutdown-sessions
 
@@ -166,12 +178,14 @@ class Config:
     access_log: str | None = "-"
     error_log: str = "-"
     log_level: str = "info"
-    max_connections: int = C.MAX_CONNECTIONS
+    max_connections: int = C.MAX_CONNECTIONS     # 0: auto (descriptor limit and memory)
     policy_threads: int = C.POLICY_THREADS       # threads that run policy hooks
     policy_timeout: float = C.POLICY_TIMEOUT_S   # a hook slower than this refuses the client
     record_queue: int = C.RECORD_QUEUE           # bound of the engine -> records-thread queue
     upstreams: tuple[tuple[str, Address], ...] = ()   # named upstreams, for policy routing
     admin: Address | None = None        # loopback address of the JSON status endpoint
+    user: str | None = None             # run as this user once the ports are bound (needs root)
+    group: str | None = None            # ... and this group (default: the user's)
     source: str = CLI_SOURCE
 
     def with_overrides(self, **kw: Any) -> "Config":
@@ -219,8 +233,18 @@ _LISTENER_KEYS: dict[str, str] = {
     "health_rise": "posint",
     "health_fall": "posint",
     "health_check": "health_check",
+    "health_check_identity": "check_identity",
     "health_proxy_command": "pp_command",
     "on_marked_down": "marked_down",
+    "allow": "cidrs",
+    "deny": "cidrs",
+    "max_conns_per_ip": "limit",
+    "conn_rate_per_ip": "rate",
+    "reconnect_rate_per_clientid": "rate",
+    "websocket": "ws_paths",
+    "ws_passthrough": "bool",
+    "ws_origins": "ws_origins",
+    "ws_max_frame": "size",
 }
 _GLOBAL_KEYS: dict[str, str] = {
     "workers": "workers",
@@ -228,12 +252,14 @@ _GLOBAL_KEYS: dict[str, str] = {
     "access_log": "log_target",
     "error_log": "log_target",
     "log_level": "log_level",
-    "max_connections": "posint",
+    "max_connections": "max_conns",
     "policy_threads": "posint",
     "policy_timeout": "duration",
     "record_queue": "posint",
     "upstreams": "named_addresses",
     "admin": "admin",
+    "user": "user",
+    "group": "group",
 }
 ALL_KEYS = {**_LISTENER_KEYS, **_GLOBAL_KEYS}
 
@@ -449,6 +475,20 @@ def parse_sources(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def parse_rate(value: Any) -> tuple[float, float]:
+    """A token bucket: "R" (R per second, a burst of max(1, R)) or "R/BURST", or a number."""
+    text = str(value).strip() if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+    rate_s, _, burst_s = text.partition("/")
+    try:
+        rate = float(rate_s)
+        burst = float(burst_s) if burst_s else max(1.0, rate)
+    except ValueError:
+        raise ValueError(f"expected a rate per second such as 20 or 0.5/3 (rate/burst), got {value!r}") from None
+    if not (0 < rate <= 1e6) or not (1 <= burst <= 1e6):
+        raise ValueError(f"rate must be > 0 and burst >= 1, got {value!r}")
+    return (rate, burst)
+
+
 def _path(value: Any, base_dir: str, what: str) -> str:
     """A path from the configuration; relative ones are relative to the file that holds them."""
     if not isinstance(value, str) or not value:
@@ -506,6 +546,59 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
                        "pp_command": ("proxy", "local"), "marked_down": ("none", "shutdown-sessions")}[kind]
             if value not in choices:
                 raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+            return value
+        if kind in ("user", "group"):
+            import grp
+            import pwd
+
+            if not isinstance(value, (str, int)) or isinstance(value, bool) or value == "":
+                raise ValueError(f"expected a {kind} name or number, got {value!r}")
+            try:
+                if kind == "user":
+                    pw = pwd.getpwuid(int(value)) if isinstance(value, int) or value.isdigit() else pwd.getpwnam(value)
+                    return pw.pw_name
+                gr = grp.getgrgid(int(value)) if isinstance(value, int) or value.isdigit() else grp.getgrnam(value)
+                return gr.gr_name
+            except (KeyError, ValueError, OverflowError):
+                raise ValueError(f"no such {kind} on this system: {value!r}") from None
+        if kind in ("ws_paths", "ws_origins"):
+            if value is True and kind == "ws_paths":
+                value = [C.WS_PATH]
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not items or not all(isinstance(i, str) for i in items):
+                raise ValueError("expected paths such as ['/mqtt']" if kind == "ws_paths"
+                                 else "expected origins such as ['https://app.example.com']")
+            out = []
+            for i in (x.strip() for x in items):
+                if not i or len(i) > 510 or not all(0x21 <= ord(ch) < 0x7f for ch in i) or (
+                        kind == "ws_paths" and (not i.startswith("/") or "?" in i)) or (
+                        kind == "ws_origins" and "://" not in i):
+                    raise ValueError(f"{i!r} is not a path such as /mqtt" if kind == "ws_paths"
+                                     else f"{i!r} is not an origin such as https://app.example.com")
+                out.append(i if kind == "ws_paths" else i.lower().rstrip("/"))
+            return tuple(dict.fromkeys(out))
+        if kind == "max_conns":
+            if value == "auto":
+                return 0
+            if isinstance(value, str) and value.isdigit():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"expected a positive integer or 'auto', got {value!r}")
+            return value
+        if kind == "limit":
+            if isinstance(value, str) and value.isdigit():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or not (0 <= value <= 1 << 30):
+                raise ValueError(f"expected a number >= 0 (0: no limit), got {value!r}")
+            return value
+        if kind == "rate":
+            return parse_rate(value)
+        if kind == "check_identity":
+            # Becomes a user name at the broker (use_identity_as_username): what a CN may be,
+            # and nothing the broker would refuse as malformed (controls, non-characters).
+            if not isinstance(value, str) or not value or len(value.encode()) > 64 \
+                    or not all(ch.isprintable() for ch in value):
+                raise ValueError(f"expected a certificate CN (1-64 bytes of printable text), got {value!r}")
             return value
         if kind == "admin":
             return parse_admin_address(value)
@@ -662,7 +755,8 @@ def _build_listener(ctx: _Ctx, raw: Mapping[str, Any], base_dir: str, index: int
         vals["idle_timeout"] = C.IDLE_TIMEOUT_S
     identity_checks = [k for k in ("require_clientid_cn", "require_username_cn", "clientid_template", "clientid_from_cn")
                        if vals.get(k)]
-    for k in identity_checks + ["policy"] * bool(vals.get("policy")) + ["idle_timeout"] * bool(vals.get("idle_keepalive")):
+    for k in (identity_checks + ["policy"] * bool(vals.get("policy")) + ["idle_timeout"] * bool(vals.get("idle_keepalive"))
+              + ["reconnect_rate_per_clientid"] * bool(vals.get("reconnect_rate_per_clientid"))):
         if vals.get("mqtt") is False:
             raise ctx.error(k, "needs MQTT awareness, but mqtt = false")
     for k in identity_checks:
@@ -670,12 +764,22 @@ def _build_listener(ctx: _Ctx, raw: Mapping[str, Any], base_dir: str, index: int
             raise ctx.error(k, "needs client certificates (client_ca, with TLS on the listener)")
     if not (16 <= vals.get("proxy_protocol_max_len", C.PROXY_PROTOCOL_MAX_LEN) <= C.PP_HEADER_MAX):
         raise ctx.error("proxy_protocol_max_len", f"must be between 16 and {C.PP_HEADER_MAX} bytes")
+    ws_keys = [k for k in ("ws_passthrough", "ws_origins", "ws_max_frame") if k in vals]
+    if ws_keys and not vals.get("websocket"):
+        raise ctx.error(ws_keys[0], "needs a WebSocket listener (websocket = [\"/mqtt\"])")
+    if vals.get("ws_passthrough"):
+        raise ctx.error("ws_passthrough", "is not supported yet: the broker gets raw MQTT (bridged), "
+                        "which every broker's TCP listener accepts")
+    for k in ("allow", "deny"):
+        if len(vals.get(k, ())) > C.MAX_ACL:
+            raise ctx.error(k, f"at most {C.MAX_ACL} networks")
     if len(vals.get("trusted_proxies", ())) > C.MAX_TRUSTED:
         raise ctx.error("trusted_proxies", f"at most {C.MAX_TRUSTED} networks")
     if vals.get("accept_proxy_protocol") and not vals.get("trusted_proxies"):
         raise ctx.error("trusted_proxies", "is required with accept_proxy_protocol (the load balancers' addresses)")
-    if vals.get("trusted_proxies") and not vals.get("accept_proxy_protocol"):
-        raise ctx.error("trusted_proxies", "has no effect without accept_proxy_protocol")
+    if vals.get("trusted_proxies") and not (vals.get("accept_proxy_protocol") or vals.get("websocket")):
+        raise ctx.error("trusted_proxies", "has no effect without accept_proxy_protocol or websocket "
+                        "(X-Forwarded-For)")
     if "crc32c" in vals.get("proxy_protocol_options", ()):
         vals["proxy_protocol_crc32c"] = True
     pp_keys = [k for k in ("proxy_protocol_crc32c", "proxy_protocol_options") if vals.get(k)]
@@ -697,6 +801,10 @@ def _pool_settings(ctx: _Ctx, vals: dict[str, Any]) -> None:
         vals["balance"] = "clientid" if mqtt else "round-robin"
     elif vals["balance"] == "clientid" and not mqtt:
         raise ctx.error("balance", "clientid needs MQTT awareness, but mqtt = false (use source or round-robin)")
+    if "health_check" not in vals and not mqtt:
+        # Without MQTT awareness the broker may not speak plain MQTT (a TLS or WebSocket
+        # listener behind a blind relay): an MQTT check would take a healthy pool down.
+        vals["health_check"] = "tcp"
     if "health_interval" not in vals and len(servers) > 1:
         vals["health_interval"] = C.HEALTH_INTERVAL_S   # a pool is checked unless told otherwise
     if vals.get("on_marked_down", "none") != "none" and not vals.get("health_interval"):

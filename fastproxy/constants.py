@@ -9,6 +9,7 @@ IDLE_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 10.0
 HEALTH_INTERVAL_S = 2.0         # HAProxy's inter default, for pools of 2+ servers
 HEALTH_TIMEOUT_S = 2.0
+HEALTH_CHECK_IDENTITY = "fastproxy-health"   # the CN checks claim toward v2-ssl(-cn) servers
 MQTT_CONNECT_TIMEOUT_S = 5.0     # slowloris bound: the CONNECT must arrive within this
 MAX_CONNECT_SIZE = 64 * 1024
 
@@ -17,7 +18,8 @@ TLS_CIPHERS = "HIGH:!aNULL:!MD5"
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
 LISTEN_BACKLOG = 4096
-MAX_CONNECTIONS = 100_000
+MAX_CONNECTIONS = 0              # auto: from the descriptor limit and memory (server.auto_max_connections)
+CONNECTION_MEMORY = 64 * 1024    # bytes budgeted per busy TLS session for max_connections auto
 
 # The Python boundary (issue 10): user code runs off the loop thread.
 POLICY_THREADS = 4              # threads that run policy hooks
@@ -36,6 +38,9 @@ MAX_UPSTREAMS = 256             # pool servers summed over all listeners, plus n
 MAX_POOL = 64                   # servers per listener pool
 MAX_SOURCES = 256               # upstream source addresses per listener
 MAX_TRUSTED = 32                # trusted_proxies networks per listener
+WS_PATH = "/mqtt"               # --websocket without a path
+WS_MAX_FRAME = 1 << 20          # largest client WebSocket frame (a bigger one: close 1009)
+MAX_ACL = 1024                  # allow / deny networks per listener (checked in order at accept)
 PP_HEADER_MAX = 4096            # largest proxy_protocol_max_len
 MIN_CONNECT_SIZE = 16           # smallest max_connect_size
 PROXY_PROTOCOL_MAX_LEN = 500    # default proxy_protocol_max_len: Mosquitto 2.1 refuses longer headers

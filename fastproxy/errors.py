@@ -81,7 +81,8 @@ class MQTTProtocolError(FastproxyError):
                        a CONNACK it equals v5_reason_code.
       v5_reason_code   The MQTT 5.0 reason code that classifies the error whatever the version
                        (0x81 malformed, 0x82 protocol error, 0x84 unsupported protocol version,
-                       0x90 topic name invalid, 0x95 packet too large): for logs and counters.
+                       0x85 client identifier not valid, 0x90 topic name invalid, 0x95 packet
+                       too large): for logs and counters.
       reason           Short static description, e.g. "reserved connect flag set".
       version          The protocol level the client sent, None if not received yet.
       offset           Offset in the packet of the field found to be invalid.
@@ -130,6 +131,11 @@ class ConnectProtocolError(MQTTProtocolError):
 class UnsupportedProtocolVersion(MQTTProtocolError):
     """Unknown protocol name, or a protocol name/level pair other than MQIsdp/3, MQTT/4, MQTT/5
     (0x84; answered with 3.x CONNACK 0x01 when the client asked for a level below 5)."""
+
+
+class ClientIdNotValid(MQTTProtocolError):
+    """The ClientId is well-formed UTF-8 but holds a control character or a non-character,
+    which Mosquitto refuses (0x85; answered with 3.x CONNACK 0x02 identifier rejected)."""
 
 
 class TopicNameInvalid(MQTTProtocolError):

@@ -17,8 +17,15 @@ Decisions:
   ("ok (CONNACK 0x05)") so it is visible in states().
 - The PROXY header is a PROXY command with the check socket's own addresses, not LOCAL:
   Mosquitto 2.1 closes LOCAL connections. ``proxy_command="local"`` sends LOCAL (v2) or
-  "PROXY UNKNOWN" (v1) for brokers that want HAProxy's behaviour. No TLVs are sent, so a
-  `v2-ssl-cn` broker sees a check without a CN (it may answer "not authorized": still alive).
+  "PROXY UNKNOWN" (v1) for brokers that want HAProxy's behaviour (with Mosquitto, only with
+  the tcp check).
+- Toward a `v2-ssl` / `v2-ssl-cn` server the header carries an SSL TLV as for a device with a
+  verified certificate (client SSL|CERT_CONN|CERT_SESS, verify 0, VERSION "TLSv1.3") and, for
+  v2-ssl-cn, the CN ``identity`` (default "fastproxy-health"): a broker that requires TLS and
+  a certificate (Mosquitto 2.1 `proxy_protocol_v2_require_tls`, `require_certificate`) refuses
+  a check without them before MQTT, and every server would be marked DOWN. The broker takes
+  the identity as the user name (`use_identity_as_username`): it needs no topic in any ACL,
+  and must be a name no device certificate carries.
 - The ClientId is ``<prefix>-<pid>-<index>``: unique per process and server, so the checks of
   several workers never take over each other's sessions.
 - Passive failures mark a server DOWN only when they are new since it last came UP: the engine's
@@ -131,6 +138,7 @@ class HealthChecker:
         on_change: Callable[[CheckTarget, bool, str], None] | None = None,
         passive_failures: Callable[[int], int] | None = None,
         client_id_prefix: str = "fastproxy-check",
+        identity: str = "fastproxy-health",
     ) -> None:
         if not interval > 0:
             raise ConfigError(f"must be > 0, not {interval!r}", key="health interval")
@@ -160,6 +168,7 @@ class HealthChecker:
         self.on_change = on_change
         self.passive_failures = passive_failures
         self.client_id_prefix = client_id_prefix
+        self.identity = identity
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -358,7 +367,15 @@ class HealthChecker:
             src, dst = _UNIX_PEER, _UNIX_PEER
         else:
             src, dst = sock.getsockname()[:2], sock.getpeername()[:2]
-        return proxy_protocol.build_v1(src, dst) if mode == "v1" else proxy_protocol.build_v2(src, dst)
+        if mode == "v1":
+            return proxy_protocol.build_v1(src, dst)
+        ssl = None
+        if mode in ("v2-ssl", "v2-ssl-cn"):
+            ssl = proxy_protocol.SSLInfo(
+                client=proxy_protocol.PP2_CLIENT_SSL | proxy_protocol.PP2_CLIENT_CERT_CONN
+                | proxy_protocol.PP2_CLIENT_CERT_SESS,
+                verify=0, version="TLSv1.3", cn=self.identity if mode == "v2-ssl-cn" else None)
+        return proxy_protocol.build_v2(src, dst, ssl=ssl)
 
     def _connect_packet(self, target: CheckTarget) -> bytes:
         cid = f"{self.client_id_prefix}-{os.getpid()}-{target.index}".encode()

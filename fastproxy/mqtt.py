@@ -30,6 +30,7 @@ from fastproxy.errors import (
     MQTTProtocolError,
     PacketTooLarge,
     TopicNameInvalid,
+    ClientIdNotValid,
     UnsupportedProtocolVersion,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "ConnectProtocolError",
     "UnsupportedProtocolVersion",
     "TopicNameInvalid",
+    "ClientIdNotValid",
     "PacketTooLarge",
 ]
 

@@ -41,7 +41,7 @@ class PeerCertificate:
     verified: bool
     subject: str
     issuer: str
-    cn: str | None
+    cn: str | None              # None without a CN, or with several (ambiguous: no identity)
     san_dns: tuple[str, ...] = ()
     san_email: tuple[str, ...] = ()
     san_uri: tuple[str, ...] = ()

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
+from . import constants as C
 from .config import PROXY_PROTOCOL_MODES, Address, Config, ListenerConfig, ServerConfig, key_path
 from .boundary import PolicyDispatcher, RecordSink
 from .errors import ConfigError, EngineNotBuiltError
@@ -40,6 +41,7 @@ REASONS: tuple[tuple[str, int], ...] = _engine.REASONS if _engine is not None el
 _UPSTREAM_FAILURES = {"upstream-refused", "upstream-unreachable", "upstream-timeout", "upstream-reset",
                       "no-server", "upstream-down", "no-source-port"}
 _CLIENT_FAILURES = {"tls-handshake-failed", "tls-handshake-timeout"}
+_SILENT_CLOSE = "closed before the TLS handshake"   # the engine's detail for a socket that sent nothing
 
 
 def _require_engine() -> Any:
@@ -63,6 +65,40 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
+
+
+def _mem_total() -> int:
+    """Bytes of RAM (MemTotal, or a cgroup limit below it), 0 when unknown."""
+    total = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            v = f.read().strip()
+        if v.isdigit() and (total == 0 or int(v) < total):
+            total = int(v)
+    except OSError:
+        pass
+    return total
+
+
+def auto_max_connections(workers: int = 1) -> tuple[int, str]:
+    """max_connections auto, per worker: the least of what the descriptor limit allows (two
+    per session, a reserve for listeners, logs and pipes) and what memory allows
+    (CONNECTION_MEMORY per busy TLS session in three quarters of RAM, shared by the
+    workers). Returns the number and how it was derived, for the start-up line."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    by_fd = max(16, (soft - 64) // 2)
+    mem = _mem_total()
+    by_mem = max(16, int(mem * 0.75) // max(1, workers) // C.CONNECTION_MEMORY) if mem else by_fd
+    return min(by_fd, by_mem), (f"descriptors (limit {soft}) allow {by_fd}, "
+                                f"memory ({mem / 2**30:.1f} GiB) {by_mem}")
 
 
 def bind_listener(addr: Address, backlog: int, *, reuseport: bool) -> socket.socket:
@@ -105,7 +141,47 @@ def check_config(cfg: Config) -> list[str]:
                 )
         if not lc.tls and any(not a.is_loopback for a in lc.listen):
             warnings.append(f"{lc.name}: listens on {lc.listen[0]} without TLS")
+        if lc.tls_key:
+            try:
+                mode = os.stat(lc.tls_key).st_mode
+            except OSError:
+                mode = 0
+            if mode & 0o004:
+                warnings.append(f"{lc.name}: private key {lc.tls_key} is readable by every user of this host "
+                                f"(mode {mode & 0o777:o}): chmod 600 (or 640 with a group the proxy runs as)")
+    if (cfg.user or cfg.group) and os.geteuid() != 0:
+        import grp
+        import pwd
+
+        want_uid = pwd.getpwnam(cfg.user).pw_uid if cfg.user else os.getuid()
+        want_gid = grp.getgrnam(cfg.group).gr_gid if cfg.group else os.getgid()
+        if (want_uid, want_gid) != (os.getuid(), os.getgid()):
+            raise ConfigError(f"switching to {cfg.user or ''}{':' + cfg.group if cfg.group else ''} needs "
+                              f"root (running as uid {os.getuid()})", source=cfg.source,
+                              key="user" if cfg.user else "group")
     return warnings
+
+
+def drop_privileges(cfg: Config) -> None:
+    """setgid/setuid to cfg.group/cfg.user (supplementary groups: the user's) after the ports
+    are bound and keys read; the process can then no longer re-bind ports below 1024 nor read
+    a key readable only by root. A no-op without user/group, or when already that user."""
+    if not (cfg.user or cfg.group) or os.geteuid() != 0:
+        return
+    import grp
+    import pwd
+
+    pw = pwd.getpwnam(cfg.user) if cfg.user else None
+    gid = grp.getgrnam(cfg.group).gr_gid if cfg.group else (pw.pw_gid if pw else os.getgid())
+    if pw is not None:
+        os.initgroups(pw.pw_name, gid)
+    else:
+        os.setgroups([])
+    os.setgid(gid)
+    if pw is not None:
+        os.setuid(pw.pw_uid)
+    server_log.info("running as uid %d gid %d (%s)", os.getuid(), os.getgid(),
+                    ":".join(x for x in (cfg.user, cfg.group) if x))
 
 
 def _server_pp(lc: ListenerConfig, sv: ServerConfig) -> str:
@@ -129,6 +205,19 @@ def _key(cfg: Config, index: int, key: str) -> str:
 
 
 ProxyState = Literal["created", "running", "stopped", "failed"]
+_NOTICE = object()   # marks an engine notice among the connection records
+# The engine's rate-limited conditions (at most one line per kind per 10 s; n: how often since
+# the last line).
+_NOTICE_TEXT = {
+    "fd-exhausted": "out of file descriptors: accepting failed {n} time(s) (fd limit {limit}); new clients wait "
+                    "in the listen queue until sessions end: raise the limit (LimitNOFILE) or lower max_connections",
+    "connection-cap": "max_connections ({max}) reached ({n} time(s)): not accepting until sessions end",
+    "address-denied": "refused {n} connection(s) from addresses outside allow / inside deny",
+    "too-many-connections": "refused {n} connection(s) over max_conns_per_ip",
+    "rate-limited": "refused {n} connection(s) over conn_rate_per_ip",
+    "reconnect-too-fast": "refused {n} CONNECT(s) over reconnect_rate_per_clientid (CONNACK 0x89 / 3.x 0x03)",
+    "admission-full": "admission table full: admitted {n} client(s) without per-address accounting",
+}
 _START_LOCK = threading.Lock()   # two threads calling start() at once: one wins, one raises
 
 
@@ -164,11 +253,13 @@ class Proxy:
         # engine upstream index -> (listener, server) for pool servers (named upstreams are in _named)
         self._servers: dict[int, tuple[ListenerConfig, ServerConfig]] = {}
         self._checkers: list[Any] = []
+        self.max_connections = config.max_connections or auto_max_connections(config.workers)[0]
         self.engine = eng.Engine(on_close=self._queue_record, on_connect=self._submit_policy,
-                                 max_connections=config.max_connections, policy_timeout=config.policy_timeout)
+                                 on_notice=self._queue_notice, max_connections=self.max_connections,
+                                 policy_timeout=config.policy_timeout)
         # Python work that leaves the loop thread (fastproxy.boundary): the records thread,
         # and the policy threads (or asyncio loop) once a listener has a gate.
-        self._records = RecordSink(self._on_close, maxsize=config.record_queue)
+        self._records = RecordSink(self._on_record_item, maxsize=config.record_queue)
         socks: list[socket.socket] = []
         try:
             named = {name: self._add_upstream(addr) for name, addr in config.upstreams}
@@ -224,6 +315,7 @@ class Proxy:
             targets, interval=lc.health_interval, timeout=lc.health_timeout, rise=lc.health_rise,
             fall=lc.health_fall, kind=lc.health_check, proxy_command=lc.health_proxy_command,
             on_change=self._health_changed, passive_failures=self.engine.consecutive_failures,
+            identity=lc.health_check_identity,
         )
 
     def _health_changed(self, target: Any, up: bool, why: str) -> None:
@@ -249,6 +341,21 @@ class Proxy:
 
     def _queue_record(self, rec: tuple) -> None:
         self._records.put(rec)
+
+    def _queue_notice(self, kind: str, count: int) -> None:
+        self._records.put((_NOTICE, kind, count))
+
+    # -- on the records thread
+    def _on_record_item(self, rec: tuple) -> None:
+        if rec[0] is _NOTICE:
+            self._on_notice(rec[1], rec[2])
+        else:
+            self._on_close(rec)
+
+    def _on_notice(self, kind: str, count: int) -> None:
+        text = _NOTICE_TEXT.get(kind, kind + ": {n}")
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        server_log.warning(text.format(n=count, limit=limit, max=self.max_connections))
 
     # -- on the records thread
     def _on_close(self, rec: tuple) -> None:
@@ -285,7 +392,10 @@ class Proxy:
                     f" ({detail})" if detail else "", hint,
                 )
             elif reason in _CLIENT_FAILURES:
-                tls_log.info("%s: client %s:%d: %s%s", name, host, port, reason, f": {detail}" if detail else "")
+                # A socket that sent nothing (scanners, a flood of silent sockets) is in the
+                # access log; a line each in the error log would only let floods fill it.
+                tls_log.log(logging.DEBUG if detail == _SILENT_CLOSE else logging.INFO, "%s: client %s:%d: %s%s",
+                            name, host, port, reason, f": {detail}" if detail else "")
             elif reason in ("bad-connect", "connect-timeout", "bad-proxy-header", "untrusted-proxy"):
                 server_log.info("%s: client %s:%d: %s%s", name, host, port, reason, f": {detail}" if detail else "")
             elif reason == "internal-error":
@@ -533,6 +643,7 @@ def _install_ignored_signals(level: int = logging.INFO) -> None:
 def _run_single(cfg: Config, *, reuseport: bool, announce: str | None = None,
                 link: Any = None, master: int | None = None) -> int:
     proxy = Proxy(cfg, reuseport=reuseport)
+    drop_privileges(cfg)        # ports bound and TLS keys read: nothing further needs root
     admin = None
     if link is not None:
         link.serve(proxy.status)        # a worker: the master asks over the link
@@ -562,6 +673,13 @@ def serve(cfg: Config) -> int:
     limit = raise_fd_limit()
     for w in check_config(cfg):
         server_log.warning("%s", w)
+    n, why = auto_max_connections(cfg.workers)
+    if cfg.max_connections == 0:
+        server_log.info("max_connections auto: %d per worker (%s)", n, why)
+    elif cfg.max_connections > (limit - 64) // 2:
+        server_log.warning("max_connections %d is more than the descriptor limit %d allows (about %d sessions): "
+                           "accepting will fail before it is reached", cfg.max_connections, limit,
+                           max(16, (limit - 64) // 2))
     if cfg.workers <= 1:
         return _run_single(cfg, reuseport=False, announce=f"listening on {_describe(cfg)} (fd limit {limit})")
     return _Master(cfg).run()

@@ -412,3 +412,76 @@ def fake_broker():
     srv = U.FakeBroker()
     yield srv
     srv.close()
+
+
+# ----------------------------------------------------------------------------- Mosquitto 2.1 (PROXY receiver)
+# (appended for tests/test_mosquitto21.py) Debian 12's Mosquitto 2.0 cannot read PROXY headers;
+# scripts/build-mosquitto builds 2.1.2 from the vendored source into the cache below. Its binary
+# carries an rpath ($ORIGIN/../lib), so it runs without LD_LIBRARY_PATH.
+
+MOSQUITTO21_MISSING = "Mosquitto 2.1 not built: run scripts/build-mosquitto"
+
+
+def mosquitto21_binary() -> str | None:
+    """$FASTPROXY_MOSQUITTO21, else scripts/build-mosquitto's default output; None when absent."""
+    path = os.environ.get("FASTPROXY_MOSQUITTO21") or os.path.join(
+        os.environ.get("FASTPROXY_CACHE") or os.path.expanduser("~/.cache/fastproxy"),
+        "mosquitto-2.1.2", "prefix", "sbin", "mosquitto")
+    return path if os.access(path, os.X_OK) else None
+
+
+def _start_mosquitto21(workdir: str, binary: str, body: list[str]) -> Broker:
+    """Like _start_mosquitto, but the listener's lines are the caller's and readiness is read
+    from /proc/net/tcp: a bare connect would be a header-less connection in the broker's log."""
+    log_path = os.path.join(workdir, "mosquitto.log")
+    conf_path = os.path.join(workdir, "mosquitto.conf")
+    port = U.free_port()
+    # Only global options before the listener line: a listener option there (max_connections,
+    # ...) would create Mosquitto's default listener on port 1883.
+    lines = [f"log_dest file {log_path}", "log_type all", "persistence false"]
+    if os.geteuid() == 0:
+        lines.append("user root")  # see _start_mosquitto
+    lines += [f"listener {port} {U.HOST}", "max_connections -1", *body]
+    Path(conf_path).write_text("\n".join(lines) + "\n")
+    err_path = os.path.join(workdir, "mosquitto.stderr")
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([binary, "-c", conf_path], stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                preexec_fn=U._preexec_raise_nofile)
+    broker = Broker(U.HOST, port, None, log_path, conf_path, proc)
+
+    def diag() -> str:
+        return (f"config:\n{Path(conf_path).read_text()}\nmosquitto stderr:\n"
+                f"{Path(err_path).read_text(errors='replace')}\nmosquitto log:\n{broker.log()}")
+
+    deadline = time.monotonic() + 10
+    while not U.port_is_listening(port):
+        if proc.poll() is not None:
+            raise AssertionError(f"mosquitto 2.1 exited with {proc.returncode}\n{diag()}")
+        if time.monotonic() > deadline:
+            U.stop_process(proc, timeout=3)
+            raise AssertionError(f"mosquitto 2.1 did not listen on {port} within 10s\n{diag()}")
+        time.sleep(0.05)
+    return broker
+
+
+@pytest.fixture
+def mosquitto21_factory():
+    """Start Mosquitto 2.1 brokers: mosquitto21_factory(["enable_proxy_protocol 2", ...]) -> Broker.
+
+    The lines follow `listener <free port> 127.0.0.1` (logging to .log(), persistence off are set
+    before it). Skips when the binary is missing (scripts/build-mosquitto)."""
+    binary = mosquitto21_binary()
+    if binary is None:
+        pytest.skip(MOSQUITTO21_MISSING)
+    started: list[tuple[Broker, str]] = []
+
+    def start(body: list[str]) -> Broker:
+        d = tempfile.mkdtemp(prefix="fpmq21", dir="/tmp")
+        b = _start_mosquitto21(d, binary, list(body))
+        started.append((b, d))
+        return b
+
+    yield start
+    for b, d in started:
+        b.stop()
+        shutil.rmtree(d, ignore_errors=True)

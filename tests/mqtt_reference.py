@@ -23,6 +23,7 @@ from typing import Any
 
 MALFORMED_PACKET = 0x81
 PROTOCOL_ERROR = 0x82
+CLIENT_IDENTIFIER_NOT_VALID = 0x85
 UNSUPPORTED_PROTOCOL_VERSION = 0x84
 TOPIC_NAME_INVALID = 0x90
 PACKET_TOO_LARGE = 0x95
@@ -86,9 +87,10 @@ class NeedMore(Exception):
 
 
 class Bad(Exception):
-    def __init__(self, rc5: int, reason: str, offset: int) -> None:
+    def __init__(self, rc5: int, reason: str, offset: int, rc3: int = 0) -> None:
         super().__init__(reason)
         self.rc5, self.reason, self.offset = rc5, reason, offset
+        self.rc3 = rc3  # the 3.x CONNACK return code, when 3.x has one for this refusal
 
 
 class Reader:
@@ -141,14 +143,26 @@ class Reader:
         raise Bad(MALFORMED_PACKET, f"{what} longer than 4 bytes", start)
 
 
+def refused_code_point(ch: str) -> bool:
+    """3.1.1 section 1.5.3 / 5.0 section 1.5.4 "SHOULD NOT include": the control characters and
+    the non-characters, which Mosquitto (lib/utf8_mosq.c) refuses as malformed."""
+    o = ord(ch)
+    return 0x01 <= o <= 0x1F or 0x7F <= o <= 0x9F or 0xFDD0 <= o <= 0xFDEF or (o & 0xFFFE) == 0xFFFE
+
+
 def utf8(raw: bytes, name: str, offset: int) -> str:
-    """3.1.1 section 1.5.3 / 5.0 section 1.5.4: well-formed UTF-8, no U+0000."""
+    """3.1.1 section 1.5.3 / 5.0 section 1.5.4: well-formed UTF-8, no U+0000, none of the code
+    points a receiver may treat as malformed (the proxy does, as Mosquitto does)."""
     try:
         text = raw.decode("utf-8")  # strict: no surrogates, no overlongs
     except UnicodeDecodeError:
         raise Bad(MALFORMED_PACKET, f"{name}: ill-formed UTF-8", offset) from None
     if "\x00" in text:
         raise Bad(MALFORMED_PACKET, f"{name}: contains U+0000", offset)
+    if any(refused_code_point(ch) for ch in text):
+        if name == "client identifier":  # the identifier is rejected: 5.0 0x85, 3.x 0x02
+            raise Bad(CLIENT_IDENTIFIER_NOT_VALID, f"{name}: control character or non-character", offset, rc3=0x02)
+        raise Bad(MALFORMED_PACKET, f"{name}: control character or non-character", offset)
     return text
 
 
@@ -177,6 +191,8 @@ def parse(data: bytes, max_size: int = 65536) -> Result:
                 r.connack_version, r.reason_code = (3 if asked == 3 else 4), 0x01
         elif state["version"] == 5:
             r.send_connack, r.connack_version, r.reason_code = True, 5, e.rc5
+        elif e.rc3 and state["version"] in (3, 4):
+            r.send_connack, r.connack_version, r.reason_code = True, state["version"], e.rc3
         return r
     return out
 

@@ -43,8 +43,11 @@ ACCESS_RE = re.compile(
 
 STATUS_REASONS = {
     "200": {"ok", "idle-timeout", "client-reset", "upstream-reset"},
-    "400": {"tls-handshake-failed", "tls-handshake-timeout"},
-    "403": {"denied"},
+    "400": {"tls-handshake-failed", "tls-handshake-timeout", "ws-bad-request", "ws-protocol-error"},
+    "403": {"denied", "address-denied", "ws-origin-denied"},
+    "404": {"ws-not-found"},
+    "426": {"ws-upgrade-required"},
+    "429": {"too-many-connections", "rate-limited", "reconnect-too-fast"},
     "500": {"internal-error"},
     "502": {"upstream-refused", "upstream-unreachable", "upstream-down"},
     "503": {"shutdown", "no-server", "no-source-port"},
@@ -217,6 +220,31 @@ def children_of(pid: int) -> list[int]:
         if int(rest[1]) == pid:
             out.append(int(d))
     return out
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below pid (children, their children...)."""
+    out, todo = set(), [pid]
+    while todo:
+        for c in children_of(todo.pop()):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+CONFIG_ERROR = "fastproxy: configuration error: "
+
+
+def one_error_line(r) -> str:
+    """A CLI run refused as the contract says: exit 2, no traceback, exactly one non-empty
+    stderr line starting with CONFIG_ERROR. Returns that line."""
+    assert r.returncode == 2, f"exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one error line, got:\n{r.stderr}"
+    assert lines[0].startswith(CONFIG_ERROR), lines[0]
+    return lines[0]
 
 
 def pid_alive(pid: int) -> bool:
@@ -709,6 +737,8 @@ class IdentityCerts:
     thing002_key: str
     nocn_cert: str  # subject O only, no CN
     nocn_key: str
+    twocn_cert: str  # subject O, CN=admin, CN=thing001: two CNs, so no identity
+    twocn_key: str
 
 
 def make_identity_certs(certs: Certs, directory: Path) -> IdentityCerts:
@@ -723,11 +753,11 @@ def make_identity_certs(certs: Certs, directory: Path) -> IdentityCerts:
     ca_cert = x509.load_pem_x509_certificate(Path(certs.ca_cert).read_bytes())
     ca_key = serialization.load_pem_private_key(Path(certs.ca_key).read_bytes(), password=None)
 
-    def issue(fname: str, cn: str | None, sans: list | None = None) -> tuple[str, str]:
+    def issue(fname: str, cn: str | list[str] | None, sans: list | None = None) -> tuple[str, str]:
         k = ec.generate_private_key(ec.SECP256R1())
         attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fastproxy tests")]
-        if cn is not None:
-            attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+        for one in [cn] if isinstance(cn, str) else cn or []:
+            attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, one))
         b = (
             x509.CertificateBuilder()
             .subject_name(x509.Name(attrs))
@@ -757,7 +787,9 @@ def make_identity_certs(certs: Certs, directory: Path) -> IdentityCerts:
                    + [x509.RFC822Name(email), x509.UniformResourceIdentifier(uri)])
     thing002 = issue("thing002", "thing002")
     nocn = issue("nocn", None)
-    return IdentityCerts(directory, sensor[0], sensor[1], dns, email, uri, thing002[0], thing002[1], nocn[0], nocn[1])
+    twocn = issue("twocn", ["admin", "thing001"])
+    return IdentityCerts(directory, sensor[0], sensor[1], dns, email, uri, thing002[0], thing002[1], nocn[0], nocn[1],
+                         twocn[0], twocn[1])
 
 
 def cert_der(pem_path: str) -> bytes:

@@ -8,17 +8,7 @@ import pytest
 
 import proxyutil as U
 
-ERR_PREFIX = "fastproxy: configuration error: "
-
-
-def _one_error_line(r) -> str:
-    """Exit 2, no traceback, exactly one non-empty stderr line in the contract's form."""
-    assert r.returncode == 2, f"exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one error line, got:\n{r.stderr}"
-    assert lines[0].startswith(ERR_PREFIX), lines[0]
-    return lines[0]
+ERR_PREFIX = U.CONFIG_ERROR
 
 
 def test_version():
@@ -164,7 +154,7 @@ def test_config_file_errors(certs, tmp_path, command, case):
     cfg = tmp_path / f"{case}.toml"
     cfg.write_text(body.replace("{cert}", certs.server_cert).replace("{key}", certs.server_key))
     r = U.run_cli(command, "-c", str(cfg), timeout=30)
-    line = _one_error_line(r)
+    line = U.one_error_line(r)
     assert line.startswith(f"{ERR_PREFIX}{cfg}: {key}: "), line
     assert re.search(problem, line), line
 
@@ -173,20 +163,20 @@ def test_contract_example_message(tmp_path):
     """The exact line given in docs/CONTRACT.md."""
     cfg = tmp_path / "x.toml"
     cfg.write_text('[[listener]]\nlisten = "127.0.0.1:18830"\nupstream = "127.0.0.1:99999"\n')
-    line = _one_error_line(U.run_cli("check", "-c", str(cfg)))
+    line = U.one_error_line(U.run_cli("check", "-c", str(cfg)))
     assert line == f"{ERR_PREFIX}{cfg}: listener[0].upstream: port 99999 is out of range 1-65535"
 
 
 def test_config_file_missing(tmp_path):
     path = tmp_path / "does-not-exist.toml"
-    line = _one_error_line(U.run_cli("check", "-c", str(path)))
+    line = U.one_error_line(U.run_cli("check", "-c", str(path)))
     assert line == f"{ERR_PREFIX}{path}: file not found"
 
 
 def test_config_file_invalid_toml(tmp_path):
     cfg = tmp_path / "broken.toml"
     cfg.write_text('listen = "127.0.0.1:1\nupstream = \n')
-    line = _one_error_line(U.run_cli("serve", "-c", str(cfg)))
+    line = U.one_error_line(U.run_cli("serve", "-c", str(cfg)))
     assert line.startswith(f"{ERR_PREFIX}{cfg}: invalid TOML"), line
 
 
@@ -202,7 +192,7 @@ def test_config_file_invalid_toml(tmp_path):
 )
 def test_command_line_errors(flags, flag, problem):
     r = U.run_cli("serve", "--listen", f"127.0.0.1:{U.free_port()}", *flags)
-    line = _one_error_line(r)
+    line = U.one_error_line(r)
     assert line.startswith(f"{ERR_PREFIX}command line: {flag}: "), line
     assert problem in line, line
 

@@ -249,7 +249,14 @@ def test_proxy_v2_header_carries_the_checkers_addresses(check_server, mode):
     assert (hdr.family, hdr.transport) == ("INET", "STREAM")
     assert (hdr.src_addr, hdr.src_port) == s.peer
     assert (hdr.dst_addr, hdr.dst_port) == (U.HOST, srv.address.port)
-    assert hdr.tlvs == ()
+    if mode == "v2":
+        assert hdr.tlvs == () and hdr.ssl is None
+    else:
+        # as for a device with a verified certificate: receivers that require TLS and a
+        # certificate (Mosquitto 2.1) answer the CONNECT instead of refusing the check
+        assert hdr.ssl.client == pp.PP2_CLIENT_SSL | pp.PP2_CLIENT_CERT_CONN | pp.PP2_CLIENT_CERT_SESS
+        assert (hdr.ssl.verify, hdr.ssl.version) == (0, "TLSv1.3")
+        assert hdr.ssl.cn == ("fastproxy-health" if mode == "v2-ssl-cn" else None)
     # header and CONNECT arrived in one read: Mosquitto 2.1 drops a header split from the CONNECT
     fields, rest = split_connect(s.first[hdr.length:])
     assert (fields["client_id"], fields["version"], fields["clean_start"], fields["keepalive"]) == \
@@ -269,6 +276,13 @@ def test_proxy_v1_header(check_server):
     assert (hdr.src_addr, hdr.src_port) == s.peer
     assert (hdr.dst_addr, hdr.dst_port) == (U.HOST, srv.address.port)
     split_connect(s.first[hdr.length:])
+
+
+def test_health_check_identity_is_the_cn_sent(check_server):
+    srv = check_server()
+    hc = HealthChecker([], identity="probe-7")
+    assert hc.check_once(CheckTarget(0, srv.address, "v2-ssl-cn")) == (True, "ok")
+    assert pp.parse(srv.session().first).ssl.cn == "probe-7"
 
 
 @pytest.mark.parametrize("mode, header", [("v2", pp.build_v2(command="local")), ("v1", b"PROXY UNKNOWN\r\n")])
@@ -405,3 +419,23 @@ def test_arguments_are_validated():
     with pytest.raises(KeyError):
         HealthChecker([t]).is_up(1)
     assert CheckTarget(0, Address(path="/run/m.sock")).name == "unix:/run/m.sock"
+
+
+# ----------------------------------------------------------------------------- the default check
+
+
+@pytest.mark.parametrize("check", [None, "mqtt"])
+def test_mqtt_off_checks_with_tcp_by_default(check, certs, mosquitto_factory, start_proxy):
+    """--mqtt off in front of a broker that speaks TLS itself (a blind relay): the default check
+    is a TCP check, which keeps the server UP and the devices served; an explicit MQTT check
+    (plain CONNECT to a TLS port) marks it DOWN, which is why it is not the default."""
+    broker = mosquitto_factory(extra=[f"certfile {certs.server_cert}", f"keyfile {certs.server_key}"])
+    flags = ["--health-check", check] if check else []
+    fp = start_proxy(broker, "--mqtt", "off", "--health-interval", "0.1", "--health-timeout", "0.5", *flags,
+                     tls=False)
+    if check == "mqtt":
+        U.wait_until(lambda: "is DOWN" in fp.stderr(), 10, what="the server marked DOWN")
+        return
+    time.sleep(1.0)  # 10 intervals: 3 failed checks would have marked it DOWN
+    assert "DOWN" not in fp.stderr(), fp.stderr()[-2000:]
+    assert U.paho_connack(fp.port, certs, "through-blind-relay", timeout=5) == 0

@@ -475,17 +475,25 @@ def test_refused_connect_with_coalesced_publish_leaks_nothing(certs, identity_ce
 
 
 def test_clientid_with_newline_cannot_forge_log_lines(certs, identity_certs, mosquitto, start_proxy):
-    """ClientIds are attacker-controlled (MQTT allows control characters in them): a refused
-    ClientId holding a newline and a fake access-log line stays on one access-log line and one
+    """ClientIds are attacker-controlled. One holding a newline and a fake access-log line is
+    refused by the CONNECT check itself (control characters, as Mosquitto refuses them: CONNACK
+    0x85, 400 bad-connect) and appears in no log; one holding spaces and a fake line's fields
+    is refused by the identity rule and stays one field of one access-log line and of one
     error-log line."""
     fp = start_proxy(mosquitto, *mtls(certs), "--require-clientid-cn")
+    dev = ctx_for(certs, certs.client_cert, certs.client_key)
     forged = "x\n127.0.0.1 [01/Jan/2030:00:00:00 +0000] TLSv1.3 200 1 1 0.001 ok thing001 thing001"
-    o = U.try_connect(fp.port, U.connect_packet(forged, version=5),
-                      tls_ctx=ctx_for(certs, certs.client_cert, certs.client_key))
+    o = U.try_connect(fp.port, U.connect_packet(forged, version=5), tls_ctx=dev)
     assert o.code == 0x85 and o.closed, o
     (e,) = fp.wait_access(n=1)
+    assert (e.status, e.reason, e.clientid) == (400, "bad-connect", "-"), e.raw
+    spaced = "x 127.0.0.1 [01/Jan/2031:00:00:00 +0000] TLSv1.3 200 1 1 0.001 ok thing001 thing001"
+    o = U.try_connect(fp.port, U.connect_packet(spaced, version=5), tls_ctx=dev)
+    assert o.code == 0x85 and o.closed, o
+    e = fp.wait_access(n=2)[1]
     assert (e.status, e.reason, e.cn) == (403, "denied", "thing001"), e.raw
-    assert "\n" not in e.clientid and " " not in e.clientid
-    assert len(fp.access_log()) == 1, fp.access_log()
-    err = [ln for ln in fp.stderr().splitlines() if "01/Jan/2030" in ln]
+    assert " " not in e.clientid
+    assert len(fp.access_log()) == 2, fp.access_log()
+    assert not [ln for ln in fp.stderr().splitlines() if "01/Jan/2030" in ln]
+    err = [ln for ln in fp.stderr().splitlines() if "01/Jan/2031" in ln]
     assert len(err) == 1 and "refused client" in err[0], err

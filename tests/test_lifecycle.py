@@ -135,23 +135,13 @@ def _socket_owners(port: int) -> dict[int, int]:
     return owners
 
 
-def _descendants(pid: int) -> set[int]:
-    out, todo = set(), [pid]
-    while todo:
-        for c in U.children_of(todo.pop()):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
-
-
 def test_two_workers(certs, mosquitto, start_proxy):
     """--workers 2: two processes listen on the port, 20 concurrent sessions all succeed and are
     spread over both; SIGTERM stops every process."""
     fp = start_proxy(mosquitto, "--workers", "2")
     listeners = U.wait_until(lambda: (lambda p: p if len(p) >= 2 else None)(U.listening_pids(fp.port)), 10,
                              what="two processes listening on the port")
-    family = {fp.pid} | _descendants(fp.pid)
+    family = {fp.pid} | U.descendants(fp.pid)
     assert listeners <= family, f"listening PIDs {listeners} are not the proxy's processes {family}"
     ctx = U.client_context(certs)
     socks = []
@@ -168,7 +158,7 @@ def test_two_workers(certs, mosquitto, start_proxy):
         for s in socks:
             s.close()
     fp.wait_access(n=20)
-    all_pids = {fp.pid} | _descendants(fp.pid)
+    all_pids = {fp.pid} | U.descendants(fp.pid)
     fp.signal(signal.SIGTERM)
     rc = fp.wait(15)
     assert rc == 0, f"exit status {rc}"
@@ -188,7 +178,7 @@ def test_workers_drain_timeout(certs, mosquitto, start_proxy):
         socks.append(s)
         assert U.mqtt_handshake(s, f"held{i}") == 0
     owners = _socket_owners(fp.port)
-    all_pids = {fp.pid} | _descendants(fp.pid)
+    all_pids = {fp.pid} | U.descendants(fp.pid)
     t0 = time.monotonic()
     fp.signal(signal.SIGTERM)
     try:

@@ -19,7 +19,7 @@ import proxyutil as U
 from fastproxy import cli
 from fastproxy import constants as C
 
-ERR_PREFIX = "fastproxy: configuration error: "
+ERR_PREFIX = U.CONFIG_ERROR
 
 
 def _cfg(**kw) -> fastproxy.Config:
@@ -37,25 +37,6 @@ def _bind_again(port: int) -> None:
     with socket.socket() as s:
         s.bind((U.HOST, port))
         s.listen(1)
-
-
-def _descendants(pid: int) -> set[int]:
-    out, todo = set(), [pid]
-    while todo:
-        for c in U.children_of(todo.pop()):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
-
-
-def _one_error_line(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 2, f"exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one error line, got:\n{r.stderr}"
-    assert lines[0].startswith(ERR_PREFIX), lines[0]
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- Proxy
@@ -219,7 +200,7 @@ def test_hup_usr1_usr2_are_logged_and_ignored(certs, mosquitto, start_proxy, pah
     worker_pids: set[int] = set()
     if workers > 1:
         U.wait_until(lambda: len(U.listening_pids(fp.port)) >= workers, 10, what="the workers listening")
-        worker_pids = _descendants(fp.pid)
+        worker_pids = U.descendants(fp.pid)
         assert len(worker_pids) == workers, worker_pids
     sigs = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
     for sig in sigs:
@@ -249,7 +230,7 @@ def test_kill_9_of_the_master_takes_the_workers_down(certs, mosquitto, start_pro
     port is free again."""
     fp = start_proxy(mosquitto, "--workers", "2", "--drain-timeout", "30")
     U.wait_until(lambda: len(U.listening_pids(fp.port)) >= 2, 10, what="two workers listening")
-    workers = _descendants(fp.pid)
+    workers = U.descendants(fp.pid)
     assert len(workers) == 2, workers
     s = U.open_socket(fp.port, tls_ctx=U.client_context(certs))
     try:
@@ -287,7 +268,7 @@ def test_too_many_listen_addresses_is_a_configuration_error(tmp_path, command):
     n = C.MAX_LISTENERS + 1
     one = tmp_path / "one.toml"
     one.write_text(f"listen = {_addresses(n)!r}\nupstream = \"127.0.0.1:1883\"\n".replace("'", '"'))
-    line = _one_error_line(U.run_cli(command, "-c", str(one)))
+    line = U.one_error_line(U.run_cli(command, "-c", str(one)))
     assert line == f"{ERR_PREFIX}{one}: listen: {n} listen addresses in all; at most {C.MAX_LISTENERS} are supported"
     several = tmp_path / "several.toml"
     addrs = _addresses(n)
@@ -297,10 +278,10 @@ def test_too_many_listen_addresses_is_a_configuration_error(tmp_path, command):
         + f"[[listener]]\nlisten = {addrs[:half]!r}\n".replace("'", '"')
         + f"[[listener]]\nlisten = {addrs[half:]!r}\n".replace("'", '"')
     )
-    line = _one_error_line(U.run_cli(command, "-c", str(several)))
+    line = U.one_error_line(U.run_cli(command, "-c", str(several)))
     assert line.startswith(f"{ERR_PREFIX}{several}: listen: {n} listen addresses"), line
     flags = [a for addr in addrs for a in ("--listen", addr)]
-    line = _one_error_line(U.run_cli(command, *flags, "--upstream", "127.0.0.1:1883"))
+    line = U.one_error_line(U.run_cli(command, *flags, "--upstream", "127.0.0.1:1883"))
     assert line.startswith(f"{ERR_PREFIX}command line: --listen: {n} listen addresses"), line
 
 

@@ -70,7 +70,16 @@ BAD_FIRST_PACKETS = {
     "v5-reserved-connect-flag": (encode_connect(5, "x", flags=0x03), v5_connack(0x81)),
     "v5-trailing-bytes": (encode_connect(5, "x", extra=b"\x00"), v5_connack(0x81)),
     "v5-clientid-bad-utf8": (encode_connect(5, b"\xed\xa0\x80"), v5_connack(0x81)),
+    # What Mosquitto refuses as malformed UTF-8 (controls, non-characters; STRICT_STRINGS below)
+    "v311-clientid-del": (encode_connect(4, "dev\x7f"), v3_connack(0x02)),
+    "v5-clientid-c1-control": (encode_connect(5, "dev\x85"), v5_connack(0x85)),
+    "v311-will-topic-c1-control": (encode_connect(4, "x", will=Will("t/\x9f", b"")), None),
+    "v5-will-topic-noncharacter": (encode_connect(5, "x", will=Will("t/\uffff", b"")), v5_connack(0x81)),
+    "v311-username-escape": (encode_connect(4, "x", username="u\x1b"), None),
+    "v5-username-fdd0": (encode_connect(5, "x", username="\ufdd0"), v5_connack(0x81)),
 }
+STRICT_STRINGS = ["v311-clientid-del", "v5-clientid-c1-control", "v311-will-topic-c1-control",
+                  "v5-will-topic-noncharacter", "v311-username-escape", "v5-username-fdd0"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -94,6 +103,39 @@ def test_invalid_first_packet_is_refused_before_the_broker(certs, mosquitto, sta
     assert all(e.sent in (0, 4, 5) for e in entries), [e.raw for e in entries]
     assert "first packet is not CONNECT" in fp.stderr() or "bad-connect" in fp.stderr(), fp.stderr()
     prove_serving(fp, mosquitto, certs, mode, before, f"after-bad-{mode}")
+
+
+def test_strings_the_broker_refuses_are_refused_by_the_proxy(mosquitto):
+    """The strictness matches the broker: each STRICT_STRINGS CONNECT sent straight to Mosquitto
+    is dropped by it (no CONNACK 0; the client would just see a close), which is why the proxy
+    refuses it itself, with the CONNACK the table above expects."""
+    for name in STRICT_STRINGS:
+        data, _ = BAD_FIRST_PACKETS[name]
+        o = U.try_connect(mosquitto.port, data, timeout=5)
+        assert o.code != 0 and o.closed, f"{name}: Mosquitto accepted it: {o}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("version", [4, 5])
+def test_second_connect_in_first_segment_is_refused(certs, mosquitto, start_proxy, mode, version):
+    """[MQTT-3.1.0-2]: a second CONNECT is a protocol violation. Sent together with the first
+    (directly behind it, or behind a PUBLISH), it refuses the client: 5.0 CONNACK 0x82, 3.1.1
+    closed without CONNACK; 400 bad-connect with the first ClientId; nothing reaches the
+    broker. A CONNECT followed by other packets is still relayed (pipelining is allowed)."""
+    fp = proxy(start_proxy, mosquitto, mode)
+    before = U.broker_connections(mosquitto.log())
+    first = encode_connect(version, "first-id", keepalive=30)
+    for tail in (encode_connect(version, "second-id"),
+                 U.publish_packet("t", b"x", version=version) + encode_connect(version, "second-id")):
+        o = U.try_connect(fp.port, first + tail, tls_ctx=ctx_of(certs, mode))
+        assert o.closed and o.connack == (v5_connack(0x82) if version == 5 else None), o
+    entries = fp.wait_access(n=2)
+    assert [(e.status, e.reason, e.clientid) for e in entries] == [(400, "bad-connect", "first-id")] * 2, \
+        [e.raw for e in entries]
+    U.wait_until(lambda: "a second CONNECT follows the first" in fp.stderr(), 10, what="the log line")
+    ids = U.broker_client_ids(mosquitto.log())
+    assert "first-id" not in ids and "second-id" not in ids, ids
+    prove_serving(fp, mosquitto, certs, mode, before, f"after-second-connect-{mode}-{version}")
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -32,6 +32,7 @@ from fastproxy.errors import (  # noqa: E402
     MQTTProtocolError,
     PacketTooLarge,
     TopicNameInvalid,
+    ClientIdNotValid,
     UnsupportedProtocolVersion,
 )
 
@@ -144,6 +145,9 @@ VALID = {
     "v3.1.1 3-byte remaining length": encode_connect(4, "c", username="u", password=b"p" * 20000),
     "v3.1.1 non-ASCII strings": encode_connect(4, "\u00fc\u4e2d\U0001f600", username="\u00e9",
                                                will=Will("\u00e9/\u4e2d", b"")),
+    # the neighbours of the refused code points are allowed
+    "v3.1.1 edges of the refused ranges": encode_connect(
+        4, " ~\u00a0\ufdcf\ufdf0\ufffd", username="\U0001fffd\U0010fffd", will=Will("\uffef/\U00010000", b"")),
     "v5 plain": encode_connect(5, "client-5"),
     "v5 empty client id": encode_connect(5, ""),
     "v5 every CONNECT property": encode_connect(5, "c", properties=ALL_CONNECT_PROPS),
@@ -224,6 +228,8 @@ def v5(**kw):
 
 
 M, P, U, T, L = MalformedConnect, ConnectProtocolError, UnsupportedProtocolVersion, TopicNameInvalid, PacketTooLarge
+C = ClientIdNotValid
+ID_CTL = "client identifier: control character or non-character"
 NO = None  # no CONNACK
 
 # name: (bytes, max_size, error class, reason, CONNACK (version, code) or NO)
@@ -268,6 +274,25 @@ INVALID = {
     "bad UTF-8: above U+10FFFF": (encode_connect(4, b"\xf4\x90\x80\x80"), 65536, M, "client identifier: ill-formed UTF-8", NO),
     "bad UTF-8: truncated sequence": (encode_connect(4, b"ab\xe2\x82"), 65536, M, "client identifier: ill-formed UTF-8", NO),
     "U+0000 in client id": (encode_connect(4, b"a\x00b"), 65536, M, "client identifier: contains U+0000", NO),
+    # What Mosquitto refuses as malformed (controls, non-characters): the ClientId is rejected
+    # with a CONNACK in every version, other strings are malformed.
+    "U+001F in client id v4": (encode_connect(4, "a\x1fb"), 65536, C, ID_CTL, (4, 0x02)),
+    "U+0009 in client id v3.1": (encode_connect(3, "a\tb"), 65536, C, ID_CTL, (3, 0x02)),
+    "U+007F in client id v5": (encode_connect(5, "a\x7f"), 65536, C, ID_CTL, (5, 0x85)),
+    "U+0080 in client id v5": (encode_connect(5, "\x80"), 65536, C, ID_CTL, (5, 0x85)),
+    "U+FFFF in client id v4": (encode_connect(4, "id\uffff"), 65536, C, ID_CTL, (4, 0x02)),
+    "U+FFFF in client id after 8 ASCII": (encode_connect(5, "abcdefgh\uffff"), 65536, C, ID_CTL, (5, 0x85)),
+    "U+0001 after 8 ASCII in client id": (encode_connect(4, "abcdefgh\x01"), 65536, C, ID_CTL, (4, 0x02)),
+    "U+009F in will topic v4": (v4(will=Will("a\x9f", b"")), 65536, M, "will topic: control character or non-character", NO),
+    "U+FDD0 in user name v5": (v5(username="\ufdd0"), 65536, M, "user name: control character or non-character", (5, 0x81)),
+    "U+1FFFE in user name v4": (v4(username="\U0001fffe"), 65536, M, "user name: control character or non-character", NO),
+    "U+10FFFF in will topic v5": (v5(will=Will("t\U0010ffff", b"")), 65536, M, "will topic: control character or non-character", (5, 0x81)),
+    "U+001B in user property v5": (
+        v5(properties=[("user_property", ("k", "\x1b[2J"))]), 65536, M, "user property: control character or non-character", (5, 0x81)),
+    "U+FFFE in content type v5": (
+        v5(will=Will("t", b"", properties=[("content_type", "\ufffe")])), 65536, M, "content type: control character or non-character", (5, 0x81)),
+    "U+0000 wins over a control character": (encode_connect(4, b"\x01a\x00"), 65536, M, "client identifier: contains U+0000", NO),
+    "ill-formed wins over a control character": (encode_connect(4, b"\x01\xff"), 65536, M, "client identifier: ill-formed UTF-8", NO),
     "U+0000 in user name": (v5(username=b"\x00"), 65536, M, "user name: contains U+0000", (5, 0x81)),
     "bad UTF-8 in will topic": (v4(will=Will(b"\xff", b"")), 65536, M, "will topic: ill-formed UTF-8", NO),
     "U+0000 in will topic": (v4(will=Will(b"a\x00", b"")), 65536, M, "will topic: contains U+0000", NO),

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mqtt_reference as ref  # noqa: E402
-from mqtt_reference import Will, encode_connect  # noqa: E402
+from mqtt_reference import Will, encode_connect, refused_code_point  # noqa: E402
 
 from fastproxy import mqtt  # noqa: E402
 from fastproxy.errors import MQTTProtocolError  # noqa: E402
@@ -35,8 +35,11 @@ reference_outcome = ref.reference_outcome
 
 # ----------------------------------------------------------------------------- strategies
 
-text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=24)
-topic = st.text(st.characters(codec="utf-8", exclude_characters="\x00+#"), min_size=1, max_size=24)
+# Code points a valid CONNECT may hold: not U+0000, not the controls and non-characters the
+# parser refuses as Mosquitto does (mqtt_reference.refused_code_point).
+_chars = st.characters(codec="utf-8", exclude_characters="\x00").filter(lambda ch: not refused_code_point(ch))
+text = st.text(_chars, max_size=24)
+topic = st.text(_chars.filter(lambda ch: ch not in "+#"), min_size=1, max_size=24)
 u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)
 blob = st.binary(max_size=40)

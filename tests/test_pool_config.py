@@ -75,6 +75,11 @@ def test_defaults():
     assert pool.health_interval == 2.0          # a pool is checked unless told otherwise
     assert cfg(upstream=["127.0.0.1:1883", "127.0.0.1:1884"], health_interval="0").health_interval == 0
     assert cfg(upstream="127.0.0.1:1883", mqtt="off").balance == "round-robin"
+    # the check a blind relay's broker can answer (it may speak TLS or WebSocket itself)
+    assert cfg(upstream="127.0.0.1:1883").health_check == "mqtt"
+    assert cfg(upstream="127.0.0.1:1883", mqtt="off").health_check == "tcp"
+    assert cfg(upstream="127.0.0.1:1883", mqtt="off", health_check="mqtt").health_check == "mqtt"
+    assert cfg(upstream="127.0.0.1:1883").health_check_identity == "fastproxy-health"
 
 
 def test_cross_checks():
@@ -115,6 +120,12 @@ def test_source_address_must_be_local():
     bad = build_config({**BASE, "upstream": "127.0.0.1:1", "upstream_source": "192.0.2.77"})
     with pytest.raises(ConfigError, match=r"--upstream-source: cannot use 192.0.2.77 as a source address"):
         check_config(bad)
+
+
+@pytest.mark.parametrize("value", ["", "x" * 65, "health\ncheck", "a\x7fb"])
+def test_health_check_identity_must_be_a_cn(value):
+    with pytest.raises(ConfigError, match="--health-check-identity: expected a certificate CN"):
+        cfg(upstream="127.0.0.1:1883", health_check_identity=value)
 
 
 def test_health_interval_bounds():

@@ -9,6 +9,8 @@ from fastproxy._types cimport Core, Conn
 from fastproxy._bufpool cimport dir_release, pipe_put
 from fastproxy._transport cimport side_release_input, side_write, discard_input
 from mqtt cimport mqtt_build_connack, mqtt_connack_code
+from fastproxy._admission cimport admission_release
+from fastproxy._wscodec cimport ws_free
 
 
 
@@ -22,6 +24,8 @@ cdef void conn_end(Core* e, Conn* c, int reason, int err) noexcept nogil:
     if not c.reported:
         conn_account(e, c, reason, err)
     conn_release_server(e, c)
+    admission_release(c)
+    ws_free(e, c)
     if c.cl.ssl != NULL:
         if c.handshake_done and not c.ssl_fatal and not c.cl.shut_wr:
             ERR_clear_error()
@@ -74,10 +78,17 @@ cdef void conn_account(Core* e, Conn* c, int reason, int err) noexcept nogil:
 cdef void conn_refuse(Core* e, Conn* c, int level, int code, int reason) noexcept nogil:
     """Answer with CONNACK(code) in the client's protocol level (none when level is 0),
     then close."""
-    cdef uint8_t pkt[8]
+    cdef uint8_t frame[10]
+    cdef uint8_t* pkt = frame + 2
     cdef int n
     if level and code >= 0:
-        n = mqtt_build_connack(<uint8_t>level, <uint8_t>code, pkt, sizeof(pkt))
+        n = mqtt_build_connack(<uint8_t>level, <uint8_t>code, pkt, 8)
+        if n > 0 and c.ws != NULL:
+            # a WebSocket client: the CONNACK is one binary frame (FIN, opcode 2)
+            frame[0] = 0x82
+            frame[1] = <uint8_t>n
+            pkt = frame
+            n += 2
         if n > 0 and side_write(&c.cl, <const char*>pkt, <size_t>n) > 0:
             c.bytes_out += <uint64_t>n
             e.ctr.bytes_to_clients += <uint64_t>n

@@ -20,6 +20,7 @@ cdef enum:
     HALF_CLOSED_TIMEOUT_MS = 5000   # a session with one side finished ends after this much quiet
     TRIM_AFTER_FREES = 64      # malloc_trim once this many sessions released buffers...
     TRIM_INTERVAL_MS = 5000    # ...at most this often
+    TRIM_AFTER_FLOOD = 1024    # ...and once live connections fell this far below their peak
     MIN_CONNECT_SIZE = 16      # smallest max_connect_size the CONNECT reader works with
 
 # Tags in the low bits of epoll_event.data (Conn* is 16-byte aligned by malloc).
@@ -32,8 +33,10 @@ cdef enum:
 
 # Connection states. Transitions (the stage that owns each in brackets):
 #   accept ──accept_pp, trusted source──▶ PROXY_HEADER ──valid──▶ (TLS or plain)   [_ingress]
-#   accept ──TLS──▶ HANDSHAKE ──done──▶ MQTT_CONNECT                               [_ingress]
+#   accept ──TLS──▶ (first byte) ──▶ HANDSHAKE ──done──▶ MQTT_CONNECT              [_ingress]
+#   every accepted client passes admission (allow/deny, per-address limits) first [_admission]
 #   accept ──plain────────────────────▶ MQTT_CONNECT  (mqtt = false: CONNECTING)
+#   (TLS or plain) ──websocket listener──▶ WS_UPGRADE ──101──▶ MQTT_CONNECT (frames decoded) [_websocket]
 #   MQTT_CONNECT ──valid, identity ok──▶ POLICY (listeners with a gate) ──allow──▶ CONNECTING
 #                                      └──────────── no gate ────────────────────▶ CONNECTING [_identity]
 #   CONNECTING ──SO_ERROR 0──▶ RELAY ──both EOFs flushed──▶ CLOSED                 [_upstream, _relay]
@@ -49,6 +52,7 @@ cdef enum ConnState:
     ST_PROXY_HEADER = 6       # before TLS: a PROXY header from a trusted load balancer
     ST_LINGER = 7             # refused: CONNACK and FIN sent, discarding input until EOF
     ST_POLICY = 8             # the CONNECT waits for a policy answer from a Python thread
+    ST_WS_UPGRADE = 9         # a WebSocket listener reads the HTTP upgrade request
 
 # Why a connection ended; names and log status codes are in _engine.pyx REASONS.
 cdef enum EndReason:
@@ -73,7 +77,31 @@ cdef enum EndReason:
     R_UPSTREAM_DOWN         # the session's server was marked down (shutdown-sessions)
     R_NO_SOURCE_PORT        # no free local port toward the server (EADDRNOTAVAIL)
     R_POLICY_TIMEOUT        # the policy hook did not answer within policy_timeout
+    R_ADDRESS_DENIED        # allow / deny networks of the listener (before TLS)
+    R_TOO_MANY_CONNS        # max_conns_per_ip
+    R_RATE_LIMITED          # conn_rate_per_ip
+    R_RECONNECT_TOO_FAST    # reconnect_rate_per_clientid (CONNACK 0x89 / 3.x 0x03)
+    R_WS_BAD_REQUEST        # not a valid WebSocket upgrade request (HTTP 400)
+    R_WS_NOT_FOUND          # a path the listener does not serve (HTTP 404)
+    R_WS_ORIGIN             # Origin outside ws_origins (HTTP 403)
+    R_WS_VERSION            # not WebSocket version 13 (HTTP 426)
+    R_WS_PROTOCOL           # a frame broke RFC 6455 or ws_max_frame (closed with a status code)
     R_COUNT
+
+# Conditions worth a warning, reported to Python (Core.notice) at most once per NOTICE_MS per
+# kind, with how often they happened since the last report (fastproxy.server words them).
+cdef enum Notice:
+    N_FD_EXHAUSTED = 0      # accept failed: no descriptor (EMFILE/ENFILE) or memory
+    N_CONN_CAP              # max_connections reached: accepting paused
+    N_ADDRESS_DENIED
+    N_TOO_MANY_CONNS
+    N_RATE_LIMITED
+    N_RECONNECT_TOO_FAST
+    N_ADMISSION_FULL        # admission table full: admitted without per-address accounting
+    N_COUNT
+
+cdef enum:
+    NOTICE_MS = 10000
 
 # How a listener's pool chooses a server (fastproxy.constants.BALANCE_MODES, same order).
 cdef enum:

@@ -10,8 +10,10 @@ on this thread:
     only queue it; the answer comes back through policy_answer(token, answer) from any
     thread and is applied when the loop wakes;
   - the end of a connection hands its record to on_close(record), which must only queue it;
-  - a dead connection's pending policy token is forgotten.
-An exception from either callback is counted (callback_errors) and logged; it never stops
+  - a dead connection's pending policy token is forgotten;
+  - a condition worth a warning (descriptors exhausted, connection cap, admission refusals)
+    is handed to on_notice(kind, count) at most once per 10 s per kind.
+An exception from any callback is counted (callback_errors) and logged; it never stops
 the loop.
 """
 from libc.stdlib cimport malloc, calloc, free
@@ -34,6 +36,9 @@ from fastproxy._identity cimport connect_read, connect_policy_answer, connect_po
 from fastproxy._ingress cimport (ingress_accept, ingress_handshake, ingress_read_proxy_header,
                                  listeners_resume, listeners_close)
 from fastproxy._balance cimport note_weights
+from fastproxy._websocket cimport ws_upgrade_read
+from fastproxy._admission cimport notices_flush
+from admission cimport fp_adm_table, fp_adm_init, fp_adm_free
 
 import collections as _collections
 import ipaddress as _ipaddress
@@ -67,8 +72,21 @@ REASONS = (
     ("upstream-down", 502),
     ("no-source-port", 503),
     ("policy-timeout", 504),
+    ("address-denied", 403),
+    ("too-many-connections", 429),
+    ("rate-limited", 429),
+    ("reconnect-too-fast", 429),
+    ("ws-bad-request", 400),
+    ("ws-not-found", 404),
+    ("ws-origin-denied", 403),
+    ("ws-upgrade-required", 426),
+    ("ws-protocol-error", 400),
 )
 assert len(REASONS) == R_COUNT
+# Notice kinds, in enum order (on_notice's first argument).
+NOTICES = ("fd-exhausted", "connection-cap", "address-denied", "too-many-connections", "rate-limited",
+           "reconnect-too-fast", "admission-full")
+assert len(NOTICES) == N_COUNT
 
 # The engine's limits, for the Python mirrors in fastproxy.constants (tied by a test).
 LIMITS = {"MAX_LISTENERS": MAX_LISTENERS, "MAX_UPSTREAMS": MAX_UPSTREAMS, "MAX_POOL": MAX_POOL,
@@ -98,6 +116,11 @@ cdef int _ask_policy_cb(Core* e, Conn* c) noexcept nogil:
         return (<Engine>e.owner)._ask_policy(c)
 
 
+cdef void _notice_cb(Core* e, int kind, uint64_t count) noexcept nogil:
+    with gil:
+        (<Engine>e.owner)._notice(kind, count)
+
+
 cdef void _forget_cb(Core* e, Conn* c) noexcept nogil:
     with gil:
         (<Engine>e.owner)._pending.pop(c.policy_token, None)
@@ -122,6 +145,42 @@ cdef int _peer_port(Conn* c):
     return 0
 
 
+cdef char* _joined(items) except NULL:
+    cdef bytes b = ("\n" + "\n".join(items) + "\n").encode()
+    cdef char* p = <char*>malloc(len(b) + 1)
+    if p == NULL:
+        raise MemoryError()
+    memcpy(p, <char*>b, len(b) + 1)
+    return p
+
+
+cdef void _set_cidr(Cidr* out, net):
+    cdef bytes packed = net.network_address.packed
+    out.family = AF_INET if net.version == 4 else AF_INET6
+    memcpy(out.addr, <char*>packed, len(packed))
+    out.prefix = net.prefixlen
+
+
+cdef fp_adm_table* _new_table(uint64_t slots, rate, uint32_t max_conns) except NULL:
+    """rate: None, or (new connections per second, burst)."""
+    cdef fp_adm_table* t = <fp_adm_table*>calloc(1, sizeof(fp_adm_table))
+    cdef double per_s = rate[0] if rate else 0
+    cdef double burst = rate[1] if rate else 1
+    if t == NULL:
+        raise MemoryError()
+    if fp_adm_init(t, slots, per_s, burst, max_conns, int.from_bytes(_os.urandom(8), "little")) < 0:
+        free(t)
+        raise MemoryError()
+    return t
+
+
+cdef void _free_table(fp_adm_table** t) noexcept:
+    if t[0] != NULL:
+        fp_adm_free(t[0])
+        free(t[0])
+        t[0] = NULL
+
+
 def _ms(double seconds):
     return <int64_t>(seconds * 1000)
 
@@ -142,6 +201,7 @@ cdef class Engine:
     cdef uint64_t next_token
     cdef object on_close
     cdef object on_connect
+    cdef object on_notice
     cdef object pending_exc
     cdef dict _pending                # policy token -> Conn* (as an int) awaiting an answer
     cdef object _answers              # deque of (token, answer), appended by any thread
@@ -170,14 +230,20 @@ cdef class Engine:
         ev.data.u64 = TAG_WAKE
         epoll_ctl(self.core.epfd, EPOLL_CTL_ADD, self.core.wake_r, &ev)
 
-    def __init__(self, *, on_close=None, on_connect=None, max_connections=100000, double policy_timeout=5.0):
+    def __init__(self, *, on_close=None, on_connect=None, on_notice=None, max_connections=100000,
+                 double policy_timeout=5.0):
         """on_close(record) is called once per connection, on the loop thread: it must only
         queue the record (see Record in _engine.pyi). on_connect(token, request) is called for
         each CONNECT on a listener added with gate=True, on the loop thread: it must only
         queue the request; the decision is given back with policy_answer(token, answer), or
-        the client is refused with reason policy-timeout after policy_timeout seconds."""
+        the client is refused with reason policy-timeout after policy_timeout seconds.
+        on_notice(kind, count) (kind one of NOTICES) is called on the loop thread at most
+        once per 10 s per kind, with the occurrences since the last call: it must only queue."""
         self.on_close = on_close
         self.on_connect = on_connect
+        self.on_notice = on_notice
+        if on_notice is not None:
+            self.core.notice = _notice_cb
         self.core.max_conns = max_connections
         if on_close is not None:
             self.core.report = _report_cb
@@ -210,6 +276,14 @@ cdef class Engine:
                 self.core.listeners[i].fd = -1
             free(self.core.listeners[i].src)
             self.core.listeners[i].src = NULL
+            free(self.core.listeners[i].acl)
+            self.core.listeners[i].acl = NULL
+            self.core.listeners[i].n_allow = self.core.listeners[i].n_deny = 0
+            _free_table(&self.core.listeners[i].by_addr)
+            _free_table(&self.core.listeners[i].by_clientid)
+            free(self.core.listeners[i].ws_paths)
+            free(self.core.listeners[i].ws_origins)
+            self.core.listeners[i].ws_paths = self.core.listeners[i].ws_origins = NULL
         for i in range(self.core.pool.n):
             free(self.core.pool.bufs[i])
         self.core.pool.n = 0
@@ -318,6 +392,8 @@ cdef class Engine:
         trusted = [_ipaddress.ip_network(n, strict=False) for n in lc.trusted_proxies]
         if len(sources) > MAX_SOURCES or len(trusted) > MAX_TRUSTED:
             raise ValueError(f"at most {MAX_SOURCES} source addresses and {MAX_TRUSTED} trusted networks")
+        allow = [_ipaddress.ip_network(n, strict=False) for n in lc.allow]
+        deny = [_ipaddress.ip_network(n, strict=False) for n in lc.deny]
         if gate and self.on_connect is None:
             raise ValueError("gate listeners need an on_connect callback")
         l = &e.listeners[e.n_listeners]
@@ -348,10 +424,7 @@ cdef class Engine:
         l.pp_max_len = min(lc.proxy_protocol_max_len, <unsigned int>PP_HEADER_MAX)
         l.accept_pp = lc.accept_proxy_protocol
         for net in trusted:
-            packed = net.network_address.packed
-            l.trusted[l.n_trusted].family = AF_INET if net.version == 4 else AF_INET6
-            memcpy(l.trusted[l.n_trusted].addr, <char*>packed, len(packed))
-            l.trusted[l.n_trusted].prefix = net.prefixlen
+            _set_cidr(&l.trusted[l.n_trusted], net)
             l.n_trusted += 1
         # Non-blocking here so accept4 in the loop can never block.
         _os.set_blocking(fd, False)
@@ -372,18 +445,64 @@ cdef class Engine:
                     a6.sin6_family = AF_INET6
                     memcpy(&a6.sin6_addr, <char*>packed, 16)
                 l.n_src += 1
+        try:
+            self._admission(l, lc, allow, deny)
+            self._websocket(l, lc)
+        except BaseException:
+            self._unmake_listener(l)
+            raise
         # Level-triggered: a listener left with pending connections after ACCEPT_BATCH
         # is reported again on the next wait.
         ev.events = EPOLLIN
         ev.data.u64 = (<uint64_t>e.n_listeners << 3) | TAG_LISTENER
         if epoll_ctl(e.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
             err = fp_errno()
-            free(l.src)
-            l.src = NULL
+            self._unmake_listener(l)
             raise OSError(err, "epoll_ctl: " + _os.strerror(err))
         l.in_epoll = 1
         e.n_listeners += 1
         return e.n_listeners - 1
+
+    cdef int _admission(self, Listener* l, lc, list allow, list deny) except -1:
+        """The listener's allow / deny networks and admission tables (sized to twice the
+        connection cap, so that every live client address fits)."""
+        cdef int i
+        if allow or deny:
+            l.acl = <Cidr*>calloc(len(allow) + len(deny), sizeof(Cidr))
+            if l.acl == NULL:
+                raise MemoryError()
+            for i, net in enumerate(allow + deny):
+                _set_cidr(&l.acl[i], net)
+            l.n_allow, l.n_deny = len(allow), len(deny)
+        rate = lc.conn_rate_per_ip
+        if lc.max_conns_per_ip or rate:
+            l.by_addr = _new_table(2 * self.core.max_conns, rate, lc.max_conns_per_ip)
+        if lc.reconnect_rate_per_clientid:
+            l.by_clientid = _new_table(2 * self.core.max_conns, lc.reconnect_rate_per_clientid, 0)
+        return 0
+
+    cdef int _websocket(self, Listener* l, lc) except -1:
+        """A WebSocket listener's paths and origins, as "\\nA\\nB\\n" for a memmem()."""
+        if not lc.websocket:
+            return 0
+        l.websocket = 1
+        l.ws_max_frame = min(lc.ws_max_frame, 0xFFFFFFFF)
+        l.ws_paths = _joined(lc.websocket)
+        if lc.ws_origins:
+            l.ws_origins = _joined([o.lower() for o in lc.ws_origins])
+        return 0
+
+    cdef void _unmake_listener(self, Listener* l) noexcept:
+        free(l.src)
+        l.src = NULL
+        free(l.acl)
+        l.acl = NULL
+        l.n_allow = l.n_deny = 0
+        _free_table(&l.by_addr)
+        _free_table(&l.by_clientid)
+        free(l.ws_paths)
+        free(l.ws_origins)
+        l.ws_paths = l.ws_origins = NULL
 
     def stats(self):
         """Counters of this engine (a snapshot; safe to call from another thread)."""
@@ -402,6 +521,8 @@ cdef class Engine:
             "callback_errors": self.core.ctr.callback_errors,
             "policy_pending": len(self._pending),
         }
+        for i, name in enumerate(NOTICES):
+            d["notice_" + name.replace("-", "_")] = self.core.ctr.notices[i]
         for i, (name, _) in enumerate(REASONS):
             d["closed_" + name.replace("-", "_")] = self.core.ctr.reasons[i]
         return d
@@ -492,7 +613,11 @@ cdef class Engine:
         e.now = fp_now_ms()
         self.last_sweep = e.now
         while not e.fatal:
-            timeout = -1 if (e.n_conns == 0 and not e.listeners_paused and not self.stopping) else SWEEP_MS
+            # Sleep without a timer only when no timer has work: no connection, no paused
+            # listener, no memory to give back after a flood, no warning held back.
+            timeout = -1 if (e.n_conns == 0 and not e.listeners_paused and not self.stopping
+                             and e.trim_debt < TRIM_AFTER_FREES and e.peak_conns == 0
+                             and not _notices_pending(e)) else SWEEP_MS
             n = epoll_wait(e.epfd, events, MAX_EVENTS, timeout)
             e.now = fp_now_ms()
             if n < 0:
@@ -595,6 +720,13 @@ cdef class Engine:
             # conn_free_dead), never here: later events of the batch may still name it.
             connect_policy_answer(&self.core, c, action, rc5, upstream, new_id, new_len)
 
+    cdef void _notice(self, int kind, uint64_t count) noexcept:
+        try:
+            self.on_notice(NOTICES[kind], count)
+        except BaseException:
+            self.core.ctr.callback_errors += 1
+            _log.exception("on_notice callback failed")
+
     cdef void _report(self, Conn* c) noexcept:
         # Once per connection. The callback only queues; should it raise anyway, the error is
         # counted and logged, and the loop goes on.
@@ -638,6 +770,14 @@ cdef class Engine:
 
 # ---------------------------------------------------------------------- timers and dispatch
 
+cdef bint _notices_pending(Core* e) noexcept nogil:
+    cdef int k
+    for k in range(<int>N_COUNT):
+        if e.notice_since[k]:
+            return True
+    return False
+
+
 cdef void _sweep(Core* e) noexcept nogil:
     """Timeouts of every phase, and the release of idle sessions' TLS buffers."""
     cdef Conn* c = e.conns
@@ -663,6 +803,9 @@ cdef void _sweep(Core* e) noexcept nogil:
                 conn_end(e, c, R_HANDSHAKE_TIMEOUT, 0)
             elif c.state == ST_MQTT_CONNECT:
                 conn_end(e, c, R_CONNECT_TIMEOUT, 0)
+            elif c.state == ST_WS_UPGRADE:
+                c.detail_static = b"no WebSocket upgrade request in time"
+                conn_end(e, c, R_WS_BAD_REQUEST, 0)
             elif c.state == ST_PROXY_HEADER:
                 c.detail_static = b"no PROXY header in time"
                 conn_end(e, c, R_BAD_PROXY_HEADER, 0)
@@ -675,6 +818,13 @@ cdef void _sweep(Core* e) noexcept nogil:
         elif c.state == ST_LINGER:
             conn_linger(e, c)
         c = nxt
+    notices_flush(e)
+    if e.peak_conns > e.n_conns + TRIM_AFTER_FLOOD:
+        # A flood has ended (silent sockets, a reconnect storm): give its memory back.
+        e.trim_debt += TRIM_AFTER_FREES
+        e.peak_conns = e.n_conns
+    elif e.n_conns == 0:
+        e.peak_conns = 0
     e.trim_debt += freed
     if e.trim_debt >= TRIM_AFTER_FREES and e.now - e.last_trim >= TRIM_INTERVAL_MS:
         # Record buffers freed by quiet sessions sit between long-lived allocations; glibc
@@ -712,6 +862,9 @@ cdef void _on_event(Core* e, Conn* c, int tag, uint32_t ev) noexcept nogil:
             upstream_connected(e, c)
         elif tag == TAG_CLIENT and (ev & (EPOLLHUP | EPOLLERR)):
             conn_end(e, c, R_CLIENT_RESET, 0)
+    elif c.state == ST_WS_UPGRADE:
+        if tag == TAG_CLIENT:
+            ws_upgrade_read(e, c)
     elif c.state == ST_POLICY:
         # The client is not read while its CONNECT is being decided; only its loss matters.
         if tag == TAG_CLIENT and (ev & (EPOLLHUP | EPOLLERR)):

@@ -14,6 +14,8 @@ from fastproxy._transport cimport side_read, verified_cn
 from mqtt cimport *
 from fastproxy._conn cimport conn_end, conn_refuse, conn_refuse_rc5
 from fastproxy._upstream cimport upstream_connect
+from fastproxy._admission cimport admission_clientid
+from fastproxy._wscodec cimport client_read
 
 cdef void connect_begin(Core* e, Conn* c) noexcept nogil:
     """The client side is usable (TLS done, or plain): read its CONNECT, or connect upstream."""
@@ -35,6 +37,13 @@ cdef void connect_read(Core* e, Conn* c) noexcept nogil:
     cdef int r
     cdef mqtt_connect mc
     cdef mqtt_connect_error me
+    cdef char b
+    if d.buf == NULL and c.cl.ssl == NULL and c.ws == NULL and c.cl.in_off >= c.cl.in_len:
+        # A plain client that has sent nothing yet costs no buffer (silent-socket floods).
+        n = recv(c.cl.fd, &b, 1, MSG_PEEK)
+        if n < 0 and (fp_errno() == EAGAIN or fp_errno() == EINTR):
+            c.cl.readable = 0
+            return
     while True:
         if d.buf == NULL and not dir_alloc(e, d):
             conn_end(e, c, R_INTERNAL, ENOMEM)
@@ -45,8 +54,11 @@ cdef void connect_read(Core* e, Conn* c) noexcept nogil:
             if d.cap >= l.max_connect_size or not dir_grow(e, d, l.max_connect_size):
                 conn_end(e, c, R_INTERNAL, ENOMEM)
                 return
-        n = side_read(&c.cl, d.buf + d.end, d.cap - d.end)
+        n = client_read(e, c, d.buf + d.end, d.cap - d.end)
         if n == IO_ERR:
+            if c.ws != NULL and c.ws.failed:
+                conn_end(e, c, R_WS_PROTOCOL, 0)
+                return
             if c.cl.ssl != NULL:
                 c.ssl_fatal = 1
                 ERR_clear_error()
@@ -112,12 +124,25 @@ cdef void _connect_valid(Core* e, Conn* c, mqtt_connect* mc) noexcept nogil:
         c.idle_ms = <int64_t>mc.keepalive * 1500
     c.connect_total = <uint32_t>mc.packet_len
     cdef int rc5
+    cdef Dir* d = &c.c2u
+    if d.end - d.start > mc.packet_len and mqtt_find_connect(<const uint8_t*>d.buf + d.start + mc.packet_len,
+                                                            d.end - d.start - mc.packet_len) >= 0:
+        # [MQTT-3.1.0-2]: a second CONNECT is a protocol violation; the broker must not get
+        # to decide what it means (it is not checked by any rule here).
+        c.detail_static = b"a second CONNECT follows the first"
+        conn_refuse_rc5(e, c, 0x82, R_BAD_CONNECT)
+        return
     if l.identity:
         rc5 = _identity_check(c, mc, l.identity)
         if rc5:
             c.refuse_code = <uint8_t>rc5
             conn_refuse_rc5(e, c, rc5, R_DENIED)
             return
+    # After the identity rules: only the certificate's holder spends its ClientId's tokens.
+    if not admission_clientid(e, c, mc.client_id.ptr, mc.client_id.len):
+        c.detail_static = b"reconnecting faster than reconnect_rate_per_clientid"
+        conn_refuse_rc5(e, c, 0x89, R_RECONNECT_TOO_FAST)
+        return
     if l.policy:
         # The gate runs on a Python thread; c waits (not reading the client) for its answer,
         # which the loop applies in connect_policy_answer(), or for the deadline.
@@ -204,6 +229,9 @@ cdef int _identity_check(Conn* c, mqtt_connect* mc, unsigned checks) noexcept no
     cdef unsigned char* cn = NULL
     cdef int n, rc = 0
     n = verified_cn(c, &cn)
+    if n == FP_CN_MANY:
+        c.detail_static = b"client certificate has more than one CN"
+        return 0x87
     if n < 0:
         c.detail_static = b"no verified client certificate"
         return 0x87

@@ -1,6 +1,9 @@
 # cython: language_level=3
 """The ingress stage: accept (with the connection cap and descriptor exhaustion), an optional
-PROXY header from a trusted load balancer, and the TLS handshake; then the CONNECT stage."""
+PROXY header from a trusted load balancer, admission, and the TLS handshake; then the CONNECT
+stage. Until a client has sent its first byte it holds a descriptor and its Conn, nothing
+more: the TLS object and every buffer wait for input (a flood of silent sockets costs well
+under 4 KiB each)."""
 from libc.stdlib cimport calloc
 from libc.string cimport memset, memcpy
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
@@ -12,7 +15,8 @@ from fastproxy._bufpool cimport pool_get
 from fastproxy._transport cimport side_release_input, tls_start, tls_handshake
 from proxyproto cimport pp_parse_ex, pp_result, PP_NEED_MORE, PP_VALID, PP2_CMD_PROXY, PP2_TCP4, PP2_TCP6
 from fastproxy._conn cimport conn_end, conn_tag
-from fastproxy._identity cimport connect_begin
+from fastproxy._websocket cimport ws_or_connect
+from fastproxy._admission cimport admission_address, cidr_match, notice
 
 cdef int ONE = 1
 
@@ -27,6 +31,7 @@ cdef void ingress_accept(Core* e, int li) noexcept nogil:
     for k in range(ACCEPT_BATCH):
         if e.n_conns >= e.max_conns:
             listeners_pause(e, 0)
+            notice(e, N_CONN_CAP)
             return
         plen = sizeof(sockaddr_storage)
         fd = accept4(l.fd, <sockaddr*>&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC)
@@ -41,6 +46,7 @@ cdef void ingress_accept(Core* e, int li) noexcept nogil:
                 # Out of descriptors or memory: stop accepting for a moment instead of
                 # spinning on a level-triggered listener that stays readable.
                 listeners_pause(e, ACCEPT_PAUSE_MS)
+                notice(e, N_FD_EXHAUSTED)
             return
         c = <Conn*>calloc(1, sizeof(Conn))
         if c == NULL:
@@ -48,6 +54,7 @@ cdef void ingress_accept(Core* e, int li) noexcept nogil:
             e.ctr.accept_errors += 1
             return
         c.listener = li
+        c.tls_listener = l.ssl_ctx != NULL
         c.cl.fd = fd
         c.up.fd = -1
         c.c2u.pipe_r = c.c2u.pipe_w = -1
@@ -67,6 +74,8 @@ cdef void ingress_accept(Core* e, int li) noexcept nogil:
             e.conns.prev = c
         e.conns = c
         e.n_conns += 1
+        if e.n_conns > e.peak_conns:
+            e.peak_conns = e.n_conns
         e.ctr.accepted += 1
         e.ctr.active += 1
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
@@ -79,7 +88,7 @@ cdef void ingress_accept(Core* e, int li) noexcept nogil:
         c.cl.writable = 1
         c.cl.pool = &e.pool
         if l.accept_pp:
-            if not _trusted(l, &peer):
+            if not cidr_match(l.trusted, l.n_trusted, &peer):
                 conn_end(e, c, R_UNTRUSTED_PROXY, 0)
                 continue
             c.state = ST_PROXY_HEADER
@@ -90,13 +99,15 @@ cdef void ingress_accept(Core* e, int li) noexcept nogil:
 
 
 cdef void _client_accepted(Core* e, Conn* c) noexcept nogil:
-    """Start the client side: TLS handshake, or straight to the CONNECT / upstream."""
+    """Admission (with the address a trusted PROXY header gave), then the TLS handshake, or
+    straight to the CONNECT / upstream."""
     cdef Listener* l = &e.listeners[c.listener]
-    if l.ssl_ctx == NULL:
-        connect_begin(e, c)
+    cdef int r = admission_address(e, c)
+    if r != R_OK:
+        conn_end(e, c, r, 0)
         return
-    if tls_start(e, c, l.ssl_ctx) < 0:
-        conn_end(e, c, R_INTERNAL, ENOMEM)
+    if l.ssl_ctx == NULL:
+        ws_or_connect(e, c)
         return
     c.state = ST_HANDSHAKE
     c.deadline_ms = e.now + l.handshake_timeout_ms if l.handshake_timeout_ms > 0 else 0
@@ -104,38 +115,32 @@ cdef void _client_accepted(Core* e, Conn* c) noexcept nogil:
 
 
 cdef void ingress_handshake(Core* e, Conn* c) noexcept nogil:
-    """Advance the handshake; when done, the CONNECT stage takes over."""
-    cdef int r = tls_handshake(e, c)
+    """Advance the handshake (started at the first byte); when done, the CONNECT stage."""
+    cdef int r
+    cdef char b
+    cdef ssize_t n
+    if c.cl.ssl == NULL:
+        if c.cl.in_off >= c.cl.in_len:         # no bytes left over from a PROXY header
+            n = recv(c.cl.fd, &b, 1, MSG_PEEK)
+            if n < 0:
+                r = fp_errno()
+                if r == EAGAIN or r == EINTR:
+                    c.cl.readable = 0
+                    return
+                conn_end(e, c, R_HANDSHAKE_FAILED, r)
+                return
+            if n == 0:
+                c.detail_static = b"closed before the TLS handshake"
+                conn_end(e, c, R_HANDSHAKE_FAILED, 0)
+                return
+        if tls_start(e, c, e.listeners[c.listener].ssl_ctx) < 0:
+            conn_end(e, c, R_INTERNAL, ENOMEM)
+            return
+    r = tls_handshake(e, c)
     if r > 0:
-        connect_begin(e, c)
+        ws_or_connect(e, c)
     elif r < 0:
         conn_end(e, c, R_HANDSHAKE_FAILED, c.err)
-
-
-cdef bint _trusted(Listener* l, sockaddr_storage* peer) noexcept nogil:
-    cdef const uint8_t* a
-    cdef int i, bits, j, alen
-    cdef Cidr* n
-    if peer.ss_family == AF_INET:
-        a = <const uint8_t*>&(<sockaddr_in*>peer).sin_addr
-    elif peer.ss_family == AF_INET6:
-        a = <const uint8_t*>&(<sockaddr_in6*>peer).sin6_addr
-    else:
-        return False
-    for i in range(l.n_trusted):
-        n = &l.trusted[i]
-        if n.family != peer.ss_family:
-            continue
-        bits = n.prefix
-        j = 0
-        while bits >= 8 and a[j] == n.addr[j]:
-            bits -= 8
-            j += 1
-        if bits >= 8:
-            continue
-        if bits == 0 or ((a[j] ^ n.addr[j]) & (0xFF << (8 - bits)) & 0xFF) == 0:
-            return True
-    return False
 
 
 cdef void ingress_read_proxy_header(Core* e, Conn* c) noexcept nogil:

@@ -16,6 +16,7 @@ from fastproxy.errors import (
     MQTTProtocolError,
     PacketTooLarge,
     TopicNameInvalid,
+    ClientIdNotValid,
     UnsupportedProtocolVersion,
 )
 
@@ -31,6 +32,7 @@ cdef dict _ERROR_CLASSES = {
     0x81: MalformedConnect,
     0x82: ConnectProtocolError,
     0x84: UnsupportedProtocolVersion,
+    0x85: ClientIdNotValid,
     0x90: TopicNameInvalid,
     0x95: PacketTooLarge,
 }

@@ -13,6 +13,8 @@ from fastproxy._types cimport Core, Conn, Side, Dir
 from fastproxy._bufpool cimport dir_alloc, dir_release, pipe_get, pipe_put
 from fastproxy._transport cimport side_has_input, side_read, side_write, side_shutdown_write
 from fastproxy._conn cimport conn_end
+from fastproxy._wscodec cimport client_read, client_has_input, ws_place_control, ws_frame_payload, ws_send_close
+from ws cimport WS_SERVER_HEADER_MAX, WS_CLOSE_NORMAL
 
 cdef void relay_start(Core* e, Conn* c) noexcept nogil:
     if c.upstream >= 0:
@@ -25,7 +27,7 @@ cdef void relay_start(Core* e, Conn* c) noexcept nogil:
     c.cl.readable = 1
     c.up.readable = 1
     c.up.writable = 1
-    c.use_splice = c.cl.ssl == NULL and c.up.ssl == NULL
+    c.use_splice = c.cl.ssl == NULL and c.up.ssl == NULL and c.ws == NULL
     relay_pump(e, c)
 
 
@@ -52,6 +54,14 @@ cdef void _end_io(Core* e, Conn* c, int r, bint c2u) noexcept nogil:
         return
     client_side = (r == -1) == c2u
     if client_side:
+        if c.ws != NULL and c.ws.failed:
+            conn_end(e, c, R_WS_PROTOCOL, 0)
+            return
+        if c.ws != NULL and (c.ws.close_sent or c.ws.close_recv):
+            # A browser closing its socket right after the close handshake (or without
+            # reading our close frame) ends the session normally.
+            conn_end(e, c, R_OK, 0)
+            return
         if c.cl.ssl != NULL:
             c.ssl_fatal = 1
             c.ssl_err = ERR_peek_error()
@@ -68,13 +78,22 @@ cdef int _pump_dir(Core* e, Conn* c, Side* src, Side* dst, Dir* d, bint c2u) noe
     Propagates src's EOF to dst once everything read has been flushed."""
     cdef int r
     cdef bint progressed
+    cdef bint ws_out = c.ws != NULL and not c2u     # framing the broker's bytes for a WebSocket client
     if dst.shut_wr:
         return 0
     while True:
         progressed = False
-        if not src.eof and side_has_input(src):
+        if ws_out and d.end == d.start and c.ws.ctrl_out_len:
+            if d.buf == NULL and not dir_alloc(e, d):
+                return -3
+            progressed = ws_place_control(c, d)
+        if ws_out and d.end != d.start:
+            pass        # one frame per read: read again once this one is out
+        elif not src.eof and (client_has_input(c) if c2u else side_has_input(src)):
             if c.use_splice and not d.no_splice and d.end == d.start:
                 r = _splice_in(e, c, src, d, c2u)
+            elif ws_out:
+                r = _read_in_framed(e, c, src, d)
             else:
                 r = _read_in(e, c, src, d, c2u)
             if r < 0:
@@ -95,6 +114,8 @@ cdef int _pump_dir(Core* e, Conn* c, Side* src, Side* dst, Dir* d, bint c2u) noe
     if d.pipe_r >= 0 and d.pipe_bytes == 0:
         pipe_put(e, d)
     if src.eof and d.end == d.start and d.pipe_bytes == 0:
+        if ws_out:
+            ws_send_close(c, WS_CLOSE_NORMAL, NULL)   # the broker ended the session
         side_shutdown_write(dst)
         # One side is done (MQTT has no use for half-open sessions): like HAProxy's
         # `timeout client-fin`, the other side gets a short grace, not the idle timeout.
@@ -111,7 +132,7 @@ cdef int _read_in(Core* e, Conn* c, Side* src, Dir* d, bint c2u) noexcept nogil:
     if d.buf == NULL and not dir_alloc(e, d):
         return -3
     while d.end < d.cap:
-        n = side_read(src, d.buf + d.end, d.cap - d.end)
+        n = client_read(e, c, d.buf + d.end, d.cap - d.end) if c2u else side_read(src, d.buf + d.end, d.cap - d.end)
         if n > 0:
             d.end += <uint32_t>n
             got = 1
@@ -127,6 +148,21 @@ cdef int _read_in(Core* e, Conn* c, Side* src, Dir* d, bint c2u) noexcept nogil:
             return -1
         else:
             break   # IO_AGAIN: side_read consumed the readiness it was waiting on
+    return got
+
+
+cdef int _read_in_framed(Core* e, Conn* c, Side* src, Dir* d) noexcept nogil:
+    """Broker -> WebSocket client, d empty: read behind a reserved frame header, then frame
+    what came as one binary message. Returns like _read_in."""
+    cdef int got
+    if d.buf == NULL and not dir_alloc(e, d):
+        return -3
+    d.start = d.end = WS_SERVER_HEADER_MAX
+    got = _read_in(e, c, src, d, 0)
+    if d.end > WS_SERVER_HEADER_MAX:
+        ws_frame_payload(d)
+    else:
+        d.start = d.end = 0
     return got
 
 

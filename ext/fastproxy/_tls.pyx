@@ -64,19 +64,15 @@ cdef str _name_str(X509_NAME* name):
         BIO_free(bio)
 
 
-cdef object _common_name(X509_NAME* name):
-    # The last CN (the most specific one, as OpenSSL and nginx pick it), as proper UTF-8.
-    cdef int i = -1, last = -1
+cdef object _common_name(X509* x):
+    # fp_subject_cn, the engine's reader: None without a CN or with several (ambiguous, so
+    # no CN-based rule or template can accept it), else the CN as proper UTF-8.
+    cdef ASN1_STRING* d = NULL
     cdef unsigned char* utf8 = NULL
     cdef int n
-    while True:
-        i = X509_NAME_get_index_by_NID(name, NID_commonName, i)
-        if i < 0:
-            break
-        last = i
-    if last < 0:
+    if fp_subject_cn(x, &d) != FP_CN_ONE:
         return None
-    n = ASN1_STRING_to_UTF8(&utf8, X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, last)))
+    n = ASN1_STRING_to_UTF8(&utf8, d)
     if n < 0:
         ERR_clear_error()
         return None
@@ -143,7 +139,7 @@ def certificate_info(bytes der not None):
         return {
             "subject": _name_str(X509_get_subject_name(x)),
             "issuer": _name_str(X509_get_issuer_name(x)),
-            "cn": _common_name(X509_get_subject_name(x)),
+            "cn": _common_name(x),
             "san_dns": dns,
             "san_email": emails,
             "san_uri": uris,

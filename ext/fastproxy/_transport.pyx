@@ -155,12 +155,13 @@ cdef int tls_handshake(Core* e, Conn* c) noexcept nogil:
 
 
 cdef int verified_cn(Conn* c, unsigned char** out) noexcept nogil:
-    """The last subject CN of the client certificate as UTF-8 in *out (OPENSSL_free it), or
-    -1 without a verified certificate or a CN. The one source of the CN for the identity
-    rules and the access log (policy's PeerCertificate.cn picks the same entry)."""
+    """The subject CN of the verified client certificate as UTF-8 in *out (OPENSSL_free it);
+    -1 without a verified certificate or a CN; FP_CN_MANY (-2) when the subject has several CNs
+    (ambiguous: no identity). The CN reader is fp_subject_cn, shared with the PROXY header
+    and policy's PeerCertificate.cn."""
     cdef X509* cert
-    cdef X509_NAME* name
-    cdef int i = -1, last = -1, n = -1
+    cdef ASN1_STRING* d = NULL
+    cdef int n = -1, k
     # Only a verified certificate is an identity: with `verify optional` a self-signed
     # "thing001" completes the handshake but must not be logged (or trusted) as thing001.
     if c.cl.ssl == NULL or not c.handshake_done or SSL_get_verify_result(c.cl.ssl) != X509_V_OK:
@@ -168,17 +169,14 @@ cdef int verified_cn(Conn* c, unsigned char** out) noexcept nogil:
     cert = SSL_get1_peer_certificate(c.cl.ssl)
     if cert == NULL:
         return -1
-    name = X509_get_subject_name(cert)
-    while True:
-        i = X509_NAME_get_index_by_NID(name, NID_commonName, i)
-        if i < 0:
-            break
-        last = i
-    if last >= 0:
-        n = ASN1_STRING_to_UTF8(out, X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, last)))
+    k = fp_subject_cn(cert, &d)
+    if k == FP_CN_ONE:
+        n = ASN1_STRING_to_UTF8(out, d)
+        if n < 0:
+            ERR_clear_error()
+    elif k == FP_CN_MANY:
+        n = FP_CN_MANY
     X509_free(cert)
-    if n < 0:
-        ERR_clear_error()
     return n
 
 
@@ -229,5 +227,5 @@ cdef bint peer_verified(Conn* c):
 cdef object tls_version(Conn* c):
     """"TLSv1.3" and the like once the handshake is done, "TLS" before, "TCP" without TLS."""
     if c.cl.ssl == NULL:
-        return "TCP"
+        return "TLS" if c.tls_listener else "TCP"
     return SSL_get_version(c.cl.ssl).decode() if c.handshake_done else "TLS"

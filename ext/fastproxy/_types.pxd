@@ -4,6 +4,8 @@
 from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
 from system cimport sockaddr_storage, socklen_t
 from openssl cimport SSL, SSL_CTX
+from admission cimport fp_adm_entry, fp_adm_table
+from ws cimport ws_decoder
 from fastproxy._defs cimport *
 
 cdef struct BufPool:
@@ -43,6 +45,19 @@ cdef struct Dir:
     uint32_t pipe_bytes
     uint8_t no_splice
 
+cdef struct WsState:
+    # A WebSocket client (malloc'd after the upgrade): its frames are decoded on read
+    # (_wscodec.ws_read) and the broker's bytes framed on the way out (_relay).
+    ws_decoder dec
+    char* raw               # client bytes not decoded yet (pooled, only while it holds bytes)
+    uint32_t raw_off
+    uint32_t raw_len
+    uint8_t ctrl_out[127]   # a control frame (pong) waiting for a frame boundary
+    uint8_t ctrl_out_len
+    uint8_t close_recv      # the client's close frame arrived: no data after it
+    uint8_t close_sent
+    uint8_t failed          # a protocol error ended the session (R_WS_PROTOCOL)
+
 cdef struct Conn:
     Conn* prev
     Conn* next
@@ -53,6 +68,7 @@ cdef struct Conn:
     unsigned long ssl_err   # first OpenSSL error of a failed handshake
     long verify_result
     uint8_t handshake_done
+    uint8_t tls_listener    # the client side speaks TLS (its SSL object exists from its first byte)
     uint8_t ssl_fatal       # no SSL_shutdown after a fatal error
     uint8_t use_splice
     uint8_t closed
@@ -87,6 +103,8 @@ cdef struct Conn:
     double t_mono
     sockaddr_storage peer
     socklen_t peer_len
+    fp_adm_entry* adm       # this client address's admission entry (counted in its conns)
+    WsState* ws             # WebSocket clients, after the upgrade
 
 cdef struct Cidr:
     int family
@@ -124,6 +142,17 @@ cdef struct Listener:
     uint8_t accept_pp               # expect a PROXY v1/v2 header from a trusted source first
     int n_trusted
     Cidr trusted[MAX_TRUSTED]
+    # Admission, before TLS (_admission): networks, then per client address and per ClientId.
+    Cidr* acl                       # n_allow allowed networks, then n_deny denied ones (malloc'd)
+    int n_allow
+    int n_deny
+    fp_adm_table* by_addr           # max_conns_per_ip / conn_rate_per_ip; NULL: none
+    fp_adm_table* by_clientid       # reconnect_rate_per_clientid; NULL: none
+    # WebSocket (_websocket, _wscodec): paths and origins as "\nA\nB\n" (malloc'd)
+    uint8_t websocket
+    char* ws_paths
+    char* ws_origins                # NULL: any origin
+    uint32_t ws_max_frame
 
 cdef struct Upstream:
     sockaddr_storage addr
@@ -153,6 +182,7 @@ cdef struct Counters:
     uint64_t live_pipes
     uint64_t callback_errors    # user callbacks that raised (logged, never fatal)
     uint64_t policy_answers     # policy answers applied
+    uint64_t notices[<int>N_COUNT]  # occurrences of each Notice condition
 
 cdef struct Core
 
@@ -161,6 +191,7 @@ cdef struct Core
 ctypedef void (*report_fn)(Core* e, Conn* c) noexcept nogil
 ctypedef int (*ask_policy_fn)(Core* e, Conn* c) noexcept nogil
 ctypedef void (*forget_fn)(Core* e, Conn* c) noexcept nogil
+ctypedef void (*notice_fn)(Core* e, int kind, uint64_t count) noexcept nogil
 
 cdef struct Core:
     # One loop's state. Written by the loop thread only, except the fields marked atomic.
@@ -174,6 +205,7 @@ cdef struct Core:
     Conn* conns                  # doubly linked list of live connections
     Conn* dead                   # closed during the current batch, freed after it
     uint64_t n_conns
+    uint64_t peak_conns          # most live connections since the last trim after a flood
     uint64_t max_conns
     Counters ctr
     BufPool pool
@@ -190,3 +222,6 @@ cdef struct Core:
     report_fn report
     ask_policy_fn ask_policy
     forget_fn forget
+    notice_fn notice
+    int64_t notice_at[<int>N_COUNT]      # earliest time of the next report of each kind
+    uint64_t notice_since[<int>N_COUNT]  # occurrences not reported yet

@@ -216,13 +216,20 @@ cdef int _proxy_header(Core* e, Conn* c, int mode) noexcept nogil:
             want |= PP2_WANT_SSL
         if mode == PP_V2_SSL_CN:
             want |= PP2_WANT_CN
-        pp2_info_set_ssl(&info, c.cl.ssl, want, &scratch)
+        if pp2_info_set_ssl(&info, c.cl.ssl, want, &scratch) < 0:
+            # "CN=admin, CN=thing001": which one a receiver takes is its choice, not ours.
+            ERR_clear_error()
+            c.detail_static = b"client certificate has more than one CN"
+            c.refuse_code = 0x87
+            conn_refuse_rc5(e, c, 0x87, R_DENIED)
+            return -1
         ERR_clear_error()
         if info.ssl_cn.ptr != NULL and pp_find_ctl(info.ssl_cn.ptr, info.ssl_cn.len) >= 0:
             # Receivers take the CN as a user name (Mosquitto strndup()s it: a NUL would
             # cut "admin\0x" to "admin"); such a certificate is refused, not forwarded.
             c.detail_static = b"client certificate CN contains control characters"
-            conn_end(e, c, R_DENIED, 0)
+            c.refuse_code = 0x87
+            conn_refuse_rc5(e, c, 0x87, R_DENIED)
             return -1
     if mode == PP_V1:
         n = pp1_build(&info, <char*>hdr, sizeof(hdr))

@@ -95,6 +95,7 @@ cdef extern from "mqtt_connect.h" nogil:
     int mqtt_property_next(mqtt_property_iter *it, mqtt_property *prop)
     int mqtt_build_connack(uint8_t level, uint8_t reason_code, uint8_t *out, size_t cap)
     int mqtt_connack_code(uint8_t level, uint8_t rc5)
+    long mqtt_find_connect(const uint8_t *buf, size_t len)
     long mqtt_rewrite_client_id(const uint8_t *pkt, size_t pkt_len, const mqtt_connect *c,
                                 const uint8_t *new_id, size_t new_id_len,
                                 uint8_t *out, size_t cap)

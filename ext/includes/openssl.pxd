@@ -162,6 +162,10 @@ cdef extern from "openssl/x509v3.h" nogil:
     char* BN_bn2hex(const BIGNUM* a)
     void BN_free(BIGNUM* a)
     const EVP_MD* EVP_sha256()
+    const EVP_MD* EVP_sha1()
+    int EVP_Digest(const void* data, size_t count, unsigned char* md, unsigned int* size,
+                   const EVP_MD* type, void* impl)
+    int EVP_EncodeBlock(unsigned char* t, const unsigned char* f, int n)
     int X509_digest(const X509* data, const EVP_MD* type, unsigned char* md, unsigned int* len)
     const ASN1_TIME* X509_get0_notAfter(const X509* x)
     const ASN1_TIME* X509_get0_notBefore(const X509* x)
@@ -172,6 +176,11 @@ cdef extern from "openssl/x509v3.h" nogil:
     const BIO_METHOD* BIO_s_mem()
     int BIO_free(BIO* b)
     long BIO_get_mem_data(BIO* b, char** pp)
+
+# The one subject-CN reader (ext/src/x509_cn.h): identity rules, PROXY CN TLV, policy's cn.
+cdef extern from "x509_cn.h" nogil:
+    int FP_CN_ONE, FP_CN_NONE, FP_CN_MANY
+    int fp_subject_cn(X509* cert, ASN1_STRING** out)
 
 cdef extern from "time.h" nogil:
     cdef struct tm:

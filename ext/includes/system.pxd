@@ -48,7 +48,7 @@ cdef extern from "compat.h" nogil:
     int SOL_SOCKET, SO_ERROR, SO_LINGER, IPPROTO_TCP, TCP_NODELAY
     int IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, EADDRINUSE
     int SHUT_WR, SHUT_RDWR
-    int MSG_NOSIGNAL, MSG_TRUNC
+    int MSG_NOSIGNAL, MSG_TRUNC, MSG_PEEK
     int INET6_ADDRSTRLEN
 
     cdef struct linger:

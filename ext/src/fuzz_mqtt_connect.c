@@ -16,6 +16,7 @@
  *   - INVALID: a reason, an offset inside the bytes, and a CONNACK that can be built.
  *   - NEED_MORE: out->packet_len is 0 or the declared size, larger than the bytes given.
  *   - any outcome: parsing a prefix gives NEED_MORE or the same outcome (same reason).
+ *   - mqtt_find_connect stays inside the bytes and only ever points at a CONNECT type byte.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -104,6 +105,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (!buf)
         return 0;
     memcpy(buf, data + 3, n);
+
+    /* The walk over the packets behind a CONNECT: stays inside the bytes, and what it finds
+     * is a CONNECT type byte. */
+    {
+        long at = mqtt_find_connect(buf, n);
+        CHECK(at >= -1 && at < (long)n);
+        if (at >= 0)
+            CHECK((buf[at] >> 4) == 1);
+    }
 
     r = mqtt_parse_connect(buf, n, max_size, &c, &e);
     CHECK(r == MQTT_NEED_MORE || r == MQTT_VALID || r == MQTT_INVALID);

@@ -152,16 +152,18 @@ static inline int cur_bin(cursor *c, mqtt_bytes *out)
 int mqtt_utf8_check(const uint8_t *s, size_t n)
 {
     size_t i = 0;
-    int nul = 0;
+    int nul = 0, ctl = 0;
     while (i < n) {
-        /* ASCII fast path, 8 bytes at a time. */
+        /* ASCII fast path, 8 bytes at a time; a word with a byte < 0x20 or 0x7F (the only
+         * ASCII code points refused) goes byte by byte. */
         while (n - i >= 8) {
-            uint64_t w;
+            uint64_t w, d;
             memcpy(&w, s + i, 8);
-            if (w & 0x8080808080808080ull)
+            d = w ^ 0x7F7F7F7F7F7F7F7Full;
+            if ((w & 0x8080808080808080ull) ||
+                ((w - 0x2020202020202020ull) & ~w & 0x8080808080808080ull) ||
+                ((d - 0x0101010101010101ull) & ~d & 0x8080808080808080ull))
                 break;
-            if ((w - 0x0101010101010101ull) & ~w & 0x8080808080808080ull)
-                nul = 1;
             i += 8;
         }
         if (i >= n)
@@ -170,12 +172,16 @@ int mqtt_utf8_check(const uint8_t *s, size_t n)
         if (b < 0x80) {
             if (b == 0)
                 nul = 1; /* U+0000: [MQTT-1.5.3-2], [MQTT-1.5.4-2] */
+            else if (b < 0x20 || b == 0x7F)
+                ctl = 1; /* U+0001..U+001F, U+007F */
             i++;
         } else if (b < 0xC2) {
             return 2;    /* stray continuation byte, or overlong 2-byte form (C0, C1) */
         } else if (b < 0xE0) {
             if (n - i < 2 || (s[i + 1] & 0xC0) != 0x80)
                 return 2;
+            if (b == 0xC2 && s[i + 1] < 0xA0)
+                ctl = 1; /* U+0080..U+009F, the C1 controls */
             i += 2;
         } else if (b < 0xF0) {
             if (n - i < 3 || (s[i + 1] & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80)
@@ -184,6 +190,9 @@ int mqtt_utf8_check(const uint8_t *s, size_t n)
                 return 2; /* overlong 3-byte form */
             if (b == 0xED && s[i + 1] >= 0xA0)
                 return 2; /* U+D800..U+DFFF, surrogates: [MQTT-1.5.3-1], [MQTT-1.5.4-1] */
+            if (b == 0xEF && ((s[i + 1] == 0xB7 && s[i + 2] >= 0x90 && s[i + 2] <= 0xAF) ||
+                              (s[i + 1] == 0xBF && s[i + 2] >= 0xBE)))
+                ctl = 1; /* non-characters U+FDD0..U+FDEF, U+FFFE, U+FFFF */
             i += 3;
         } else if (b < 0xF5) {
             if (n - i < 4 || (s[i + 1] & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80 ||
@@ -193,12 +202,14 @@ int mqtt_utf8_check(const uint8_t *s, size_t n)
                 return 2; /* overlong 4-byte form */
             if (b == 0xF4 && s[i + 1] >= 0x90)
                 return 2; /* above U+10FFFF */
+            if ((s[i + 1] & 0x0F) == 0x0F && s[i + 2] == 0xBF && s[i + 3] >= 0xBE)
+                ctl = 1; /* non-characters U+nFFFE, U+nFFFF of planes 1..16 */
             i += 4;
         } else {
             return 2;     /* F5..FF never appear in UTF-8 */
         }
     }
-    return nul;
+    return nul ? 1 : ctl ? 3 : 0;
 }
 
 /* ============================================================================================ */
@@ -212,6 +223,7 @@ typedef struct fault {
     const char *why;
     size_t at;
     uint8_t rc5;
+    uint8_t rc3;         /* 3.x CONNACK return code for this fault, 0: close without one */
     uint8_t unsupported; /* the protocol name/level pair is not supported */
 } fault;
 
@@ -243,9 +255,12 @@ static inline int take(int r, fault *f, const char *past, size_t at)
             return t_;                                \
     } while (0)
 
-/* A UTF-8 Encoded String field: read, then check well-formedness and U+0000. */
+/* A UTF-8 Encoded String field: read, then check well-formedness, U+0000 and the code points
+ * Mosquitto refuses as malformed (controls, non-characters; [5.0] 1.5.4 lets a receiver treat
+ * them so): a CONNECT the broker would drop without a CONNACK is refused here, with one. The
+ * reason texts are "<field>: ill-formed UTF-8" and the like. */
 static int take_string(cursor *c, mqtt_bytes *out, fault *f, const char *past, const char *bad,
-                       const char *nul)
+                       const char *nul, const char *ctl)
 {
     size_t at = c->pos;
     int r = take(cur_bin(c, out), f, past, at);
@@ -256,6 +271,8 @@ static int take_string(cursor *c, mqtt_bytes *out, fault *f, const char *past, c
         return P_OK;
     case 1:
         return fail(f, MQTT_RC_MALFORMED_PACKET, nul, at);
+    case 3:
+        return fail(f, MQTT_RC_MALFORMED_PACKET, ctl, at);
     default:
         return fail(f, MQTT_RC_MALFORMED_PACKET, bad, at);
     }
@@ -348,7 +365,7 @@ static int cur_prop_value(cursor *c, uint8_t id, mqtt_property *p)
     }
 }
 
-/* The UTF-8 strings of a property: 0, 1 (U+0000) or 2 (ill-formed), first string first. */
+/* The UTF-8 strings of a property: mqtt_utf8_check's answer, first string first. */
 static inline int prop_utf8(const mqtt_property *p)
 {
     int t = prop_type(p->id);
@@ -423,24 +440,14 @@ static int parse_props(cursor *c, mqtt_connect *m, int will, fault *f)
         TAKE(cur_prop_value(c, id, &p), "property exceeds property length");
         r = prop_utf8(&p);
         if (r != 0) {
-            const char *why;
-            switch (id) {
-            case MQTT_PROP_AUTHENTICATION_METHOD:
-                why = r == 1 ? "authentication method: contains U+0000"
-                             : "authentication method: ill-formed UTF-8";
-                break;
-            case MQTT_PROP_CONTENT_TYPE:
-                why = r == 1 ? "content type: contains U+0000" : "content type: ill-formed UTF-8";
-                break;
-            case MQTT_PROP_RESPONSE_TOPIC:
-                why = r == 1 ? "response topic: contains U+0000"
-                             : "response topic: ill-formed UTF-8";
-                break;
-            default:
-                why = r == 1 ? "user property: contains U+0000" : "user property: ill-formed UTF-8";
-                break;
-            }
-            return fail(f, MQTT_RC_MALFORMED_PACKET, why, pat);
+#define WHY3(field) {field ": contains U+0000", field ": ill-formed UTF-8", \
+                     field ": control character or non-character"}
+            static const char *const why[4][3] = {WHY3("authentication method"), WHY3("content type"),
+                                                  WHY3("response topic"), WHY3("user property")};
+#undef WHY3
+            int k = id == MQTT_PROP_AUTHENTICATION_METHOD ? 0 : id == MQTT_PROP_CONTENT_TYPE ? 1
+                  : id == MQTT_PROP_RESPONSE_TOPIC ? 2 : 3;
+            return fail(f, MQTT_RC_MALFORMED_PACKET, why[k][r - 1], pat);
         }
         switch (id) {
         case MQTT_PROP_SESSION_EXPIRY_INTERVAL:   /* 3.1.2.11.2 */
@@ -648,8 +655,16 @@ static int parse(const uint8_t *buf, size_t len, size_t max_size, mqtt_connect *
      * with Clean Session 0 in 3.1.1, [MQTT-3.1.3-8]) is the caller's decision, which may
      * rewrite it (mqtt_rewrite_client_id). */
     m->client_id_offset = c->pos;
+    static const char id_ctl[] = "client identifier: control character or non-character";
     r = take_string(c, &m->client_id, f, "client identifier exceeds remaining length",
-                    "client identifier: ill-formed UTF-8", "client identifier: contains U+0000");
+                    "client identifier: ill-formed UTF-8", "client identifier: contains U+0000",
+                    id_ctl);
+    if (r == P_BAD && f->why == id_ctl) {
+        /* Well-formed but refused: the identifier is rejected ([MQTT-3.1.3-9]), as Mosquitto
+         * answers it (5.0: 0x85), and 3.x clients are told too (0x02). */
+        f->rc5 = MQTT_RC_CLIENT_IDENTIFIER_NOT_VALID;
+        f->rc3 = MQTT_CONNACK_IDENTIFIER_REJECTED;
+    }
     if (r != P_OK)
         return r;
 
@@ -664,7 +679,8 @@ static int parse(const uint8_t *buf, size_t len, size_t max_size, mqtt_connect *
          * Name. 5.0: CONNACK 0x90 Topic Name invalid. */
         size_t at = c->pos;
         r = take_string(c, &m->will_topic, f, "will topic exceeds remaining length",
-                        "will topic: ill-formed UTF-8", "will topic: contains U+0000");
+                        "will topic: ill-formed UTF-8", "will topic: contains U+0000",
+                        "will topic: control character or non-character");
         if (r != P_OK)
             return r;
         if (!topic_name_ok(m->will_topic))
@@ -675,7 +691,8 @@ static int parse(const uint8_t *buf, size_t len, size_t max_size, mqtt_connect *
     /* User Name: a UTF-8 Encoded String ([3.1.1] 3.1.3.4, [5.0] 3.1.3.5). */
     if (flags & MQTT_CONNECT_FLAG_USERNAME) {
         r = take_string(c, &m->username, f, "user name exceeds remaining length",
-                        "user name: ill-formed UTF-8", "user name: contains U+0000");
+                        "user name: ill-formed UTF-8", "user name: contains U+0000",
+                        "user name: control character or non-character");
         if (r != P_OK)
             return r;
     }
@@ -695,7 +712,7 @@ static int parse(const uint8_t *buf, size_t len, size_t max_size, mqtt_connect *
 int mqtt_parse_connect(const uint8_t *buf, size_t len, size_t max_size, mqtt_connect *out,
                        mqtt_connect_error *err)
 {
-    fault f = {NULL, 0, 0, 0};
+    fault f = {NULL, 0, 0, 0, 0};
     int level = -1;
     int r;
 
@@ -730,6 +747,11 @@ int mqtt_parse_connect(const uint8_t *buf, size_t len, size_t max_size, mqtt_con
                 err->connack_level = asked == MQTT_LEVEL_3_1 ? MQTT_LEVEL_3_1 : MQTT_LEVEL_3_1_1;
                 err->reason_code = MQTT_CONNACK_UNACCEPTABLE_PROTOCOL_VERSION;
             }
+        } else if (f.rc3 && (out->level == MQTT_LEVEL_3_1 || out->level == MQTT_LEVEL_3_1_1)) {
+            /* A refusal 3.x has a return code for (not a protocol violation). */
+            err->send_connack = 1;
+            err->connack_level = out->level;
+            err->reason_code = f.rc3;
         } else if (out->level == MQTT_LEVEL_5_0) {
             /* [5.0] 4.13.1: on a Malformed Packet or Protocol Error in CONNECT the Server MAY
              * send a CONNACK with the Reason Code, then MUST close the connection. */
@@ -860,6 +882,30 @@ int mqtt_connack_code(uint8_t level, uint8_t rc5)
     default:
         return -1;
     }
+}
+
+long mqtt_find_connect(const uint8_t *buf, size_t len)
+{
+    size_t at = 0;
+    while (at < len) {
+        uint64_t rl = 0;
+        size_t i = 1;
+        if ((buf[at] >> 4) == MQTT_CPT_CONNECT)
+            return (long)at;
+        /* Remaining Length: at most 4 bytes ([MQTT-1.5.5-1]); each step moves `at` forward
+         * by at least 2, so the walk ends within len. */
+        for (;;) {
+            if (i > 4 || at + i >= len)
+                return -1;
+            rl |= (uint64_t)(buf[at + i] & 0x7F) << (7 * (i - 1));
+            if (!(buf[at + i++] & 0x80))
+                break;
+        }
+        if (rl > len - at - i)
+            return -1;
+        at += i + (size_t)rl;
+    }
+    return -1;
 }
 
 long mqtt_rewrite_client_id(const uint8_t *pkt, size_t pkt_len, const mqtt_connect *c,

@@ -256,8 +256,19 @@ int mqtt_connack_code(uint8_t level, uint8_t rc5);
 long mqtt_rewrite_client_id(const uint8_t *pkt, size_t pkt_len, const mqtt_connect *c,
                             const uint8_t *new_id, size_t new_id_len, uint8_t *out, size_t cap);
 
+/*
+ * Whether the packets in buf[0..len) that follow a CONNECT (what came with it in the first
+ * reads) include another CONNECT: a protocol violation ([MQTT-3.1.0-2]) the proxy refuses
+ * before the broker sees either. Walks fixed headers only (type nibble, Remaining Length) and
+ * stops at the first incomplete or malformed one. Returns the offset of that CONNECT, or -1.
+ */
+long mqtt_find_connect(const uint8_t *buf, size_t len);
+
 /* 0 if s[0..n) is well-formed UTF-8 (no surrogates, no overlong forms, <= U+10FFFF) without
- * U+0000 (3.1.1 section 1.5.3, 5.0 section 1.5.4); 1 if it contains U+0000; 2 if ill-formed. */
+ * U+0000 (3.1.1 section 1.5.3, 5.0 section 1.5.4) and without the code points Mosquitto refuses
+ * as malformed: controls U+0001..U+001F, U+007F..U+009F and non-characters (U+FDD0..U+FDEF,
+ * U+nFFFE, U+nFFFF). 1 if it contains U+0000; 2 if ill-formed; 3 if well-formed but holding
+ * such a control or non-character (and no U+0000). */
 int mqtt_utf8_check(const uint8_t *s, size_t n);
 
 #ifdef __cplusplus

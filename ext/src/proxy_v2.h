@@ -231,14 +231,17 @@ int pp_format_ipv6(const uint8_t a[16], char *out, size_t cap);
  *   - verify: SSL_get_verify_result() when a peer certificate exists, else
  *             PP2_VERIFY_NO_CERT (HAProxy would send 0 here: our deliberate difference)
  *   - version SSL_get_version(); cipher SSL_get_cipher_name()
- *   - CN: first commonName entry of the PEER certificate's subject, raw ASN.1 bytes
+ *   - CN: the PEER certificate's one subject commonName (fp_subject_cn), raw ASN.1 bytes;
+ *     CERT_CONN, CERT_SESS and the CN only when that certificate was verified (HAProxy sets
+ *     them for any certificate presented: our second deliberate difference)
  *   - key_alg / sig_alg: of the certificate WE presented (SSL_get_certificate), as HAProxy
  *     does and as the spec says ("certificate presented by the frontend"):
  *     "RSA<bits>" / "EC<bits>" / "DSA<bits>", and OBJ_nid2sn() of the signature algorithm
  *     ("RSA-SHA256", "ecdsa-with-SHA256")
  *   - alpn: SSL_get0_alpn_selected(); authority: SSL_get_servername() (SNI)
  * `want` selects what is filled (PP2_WANT_*); strings point into OpenSSL objects owned by
- * `ssl` (or into *scratch) and stay valid until the SSL is freed. Returns 0. */
+ * `ssl` (or into *scratch) and stay valid until the SSL is freed. Returns 0, or -1 when the CN
+ * was wanted and the verified certificate has several (ambiguous: the caller refuses it). */
 
 #ifdef __cplusplus
 }
@@ -253,6 +256,7 @@ int pp_format_ipv6(const uint8_t a[16], char *out, size_t cap);
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <openssl/objects.h>
+#include "x509_cn.h"
 
 #define PP2_WANT_ALPN       0x01u
 #define PP2_WANT_AUTHORITY  0x02u
@@ -268,6 +272,7 @@ static inline int pp2_info_set_ssl(pp2_info *info, const SSL *ssl, unsigned want
                                    pp2_ssl_scratch *scratch)
 {
     const char *s;
+    int ambiguous = 0;
     if (want & PP2_WANT_ALPN) {
         const unsigned char *a = NULL;
         unsigned int alen = 0;
@@ -292,17 +297,26 @@ static inline int pp2_info_set_ssl(pp2_info *info, const SSL *ssl, unsigned want
             info->ssl_version.len = strlen(s);
         }
         if (peer) {
-            info->ssl_client |= PP2_CLIENT_CERT_SESS;
-            if (!SSL_session_reused((SSL *)ssl))
-                info->ssl_client |= PP2_CLIENT_CERT_CONN;
             info->ssl_verify = (uint32_t)SSL_get_verify_result(ssl);
-            if (want & PP2_WANT_CN) {
-                X509_NAME *name = X509_get_subject_name(peer);
-                int idx = name ? X509_NAME_get_index_by_NID(name, NID_commonName, -1) : -1;
-                if (idx >= 0) {
-                    ASN1_STRING *d = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, idx));
-                    info->ssl_cn.ptr = ASN1_STRING_get0_data(d);
-                    info->ssl_cn.len = (size_t)ASN1_STRING_length(d);
+            /* Receivers take CERT_SESS (+ CN) as "this client holds that identity": only for
+             * a verified certificate (verify optional lets a self-signed one through). */
+            if (info->ssl_verify == X509_V_OK) {
+                info->ssl_client |= PP2_CLIENT_CERT_SESS;
+                if (!SSL_session_reused((SSL *)ssl))
+                    info->ssl_client |= PP2_CLIENT_CERT_CONN;
+                if (want & PP2_WANT_CN) {
+                    ASN1_STRING *d = NULL;
+                    switch (fp_subject_cn(peer, &d)) {
+                    case FP_CN_ONE:
+                        info->ssl_cn.ptr = ASN1_STRING_get0_data(d);
+                        info->ssl_cn.len = (size_t)ASN1_STRING_length(d);
+                        break;
+                    case FP_CN_MANY:
+                        ambiguous = 1;
+                        break;
+                    default:
+                        break;
+                    }
                 }
             }
             X509_free(peer);  /* the session still holds the certificate */
@@ -340,6 +354,6 @@ static inline int pp2_info_set_ssl(pp2_info *info, const SSL *ssl, unsigned want
             info->ssl_cipher.len = strlen(s);
         }
     }
-    return 0;
+    return ambiguous ? -1 : 0;
 }
 #endif /* PP2_WITH_OPENSSL */
