@@ -767,9 +767,9 @@ def _build_listener(ctx: _Ctx, raw: Mapping[str, Any], base_dir: str, index: int
     ws_keys = [k for k in ("ws_passthrough", "ws_origins", "ws_max_frame") if k in vals]
     if ws_keys and not vals.get("websocket"):
         raise ctx.error(ws_keys[0], "needs a WebSocket listener (websocket = [\"/mqtt\"])")
-    if vals.get("ws_passthrough"):
-        raise ctx.error("ws_passthrough", "is not supported yet: the broker gets raw MQTT (bridged), "
-                        "which every broker's TCP listener accepts")
+    if vals.get("ws_passthrough") and vals.get("clientid_from_cn"):
+        raise ctx.error("clientid_from_cn", "cannot rewrite the CONNECT inside passthrough WebSocket frames "
+                        "(ws_passthrough)")
     for k in ("allow", "deny"):
         if len(vals.get(k, ())) > C.MAX_ACL:
             raise ctx.error(k, f"at most {C.MAX_ACL} networks")
@@ -801,9 +801,10 @@ def _pool_settings(ctx: _Ctx, vals: dict[str, Any]) -> None:
         vals["balance"] = "clientid" if mqtt else "round-robin"
     elif vals["balance"] == "clientid" and not mqtt:
         raise ctx.error("balance", "clientid needs MQTT awareness, but mqtt = false (use source or round-robin)")
-    if "health_check" not in vals and not mqtt:
+    if "health_check" not in vals and (not mqtt or vals.get("ws_passthrough")):
         # Without MQTT awareness the broker may not speak plain MQTT (a TLS or WebSocket
-        # listener behind a blind relay): an MQTT check would take a healthy pool down.
+        # listener behind a blind relay), nor with ws_passthrough: an MQTT check would take a
+        # healthy pool down.
         vals["health_check"] = "tcp"
     if "health_interval" not in vals and len(servers) > 1:
         vals["health_interval"] = C.HEALTH_INTERVAL_S   # a pool is checked unless told otherwise

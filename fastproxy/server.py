@@ -206,6 +206,26 @@ def _key(cfg: Config, index: int, key: str) -> str:
 
 ProxyState = Literal["created", "running", "stopped", "failed"]
 _NOTICE = object()   # marks an engine notice among the connection records
+
+
+class _LineLimiter:
+    """At most one log line per key per `period` seconds (used on the records thread)."""
+
+    def __init__(self, period: float = 10.0) -> None:
+        self.period = period
+        self._last: dict[Any, tuple[float, int]] = {}
+
+    def allow(self, key: Any) -> int | None:
+        """None: hold this line back; else log it, with how many were held back before it."""
+        now = time.monotonic()
+        last, held = self._last.get(key, (-self.period, 0))
+        if now - last < self.period:
+            self._last[key] = (last, held + 1)
+            return None
+        if len(self._last) > 4096:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        return held
 # The engine's rate-limited conditions (at most one line per kind per 10 s; n: how often since
 # the last line).
 _NOTICE_TEXT = {
@@ -249,6 +269,7 @@ class Proxy:
         self.addresses: list[list[tuple[str, int]]] = []
         self._log_failures = server_log.isEnabledFor(logging.INFO)
         self.refusals: Counter[str] = Counter()
+        self._upstream_lines = _LineLimiter()
         self._gates: list[ConnectGate | None] = []
         # engine upstream index -> (listener, server) for pool servers (named upstreams are in _named)
         self._servers: dict[int, tuple[ListenerConfig, ServerConfig]] = {}
@@ -387,10 +408,15 @@ class Proxy:
                 hint = ""
                 if reason == "no-source-port":
                     hint = "; the local ports toward this server are used up: add upstream_source addresses"
-                upstream_log.log(
-                    level, "%s: client %s:%d: %s %s%s%s", name, host, port, reason, server,
-                    f" ({detail})" if detail else "", hint,
-                )
+                # A broker outage fails every client: one line per server and reason per 10 s,
+                # saying how many were held back (each client is in the access log).
+                held = self._upstream_lines.allow((server, reason))
+                if held is not None:
+                    upstream_log.log(
+                        level, "%s: client %s:%d: %s %s%s%s%s", name, host, port, reason, server,
+                        f" ({detail})" if detail else "", hint,
+                        f" [{held} more like it since the last such line]" if held else "",
+                    )
             elif reason in _CLIENT_FAILURES:
                 # A socket that sent nothing (scanners, a flood of silent sockets) is in the
                 # access log; a line each in the error log would only let floods fill it.
@@ -592,6 +618,9 @@ def _describe(cfg: Config) -> str:
     parts = []
     for lc in cfg.listeners:
         mode = "TLS" if lc.tls else "TCP"
+        if lc.websocket:
+            mode = ("wss" if lc.tls else "ws") + " " + ",".join(lc.websocket) + (
+                " passthrough" if lc.ws_passthrough else "")
         if lc.tls and lc.verify != "none":
             mode += f", client certificates {lc.verify}"
         to = str(lc.upstream) if len(lc.servers) == 1 else (

@@ -455,6 +455,10 @@ def test_no_retry_refuses_clients_of_the_dead_server(mosquitto, run_fastproxy):
             assert (e.status, e.reason) == (502, "upstream-refused"), e.raw
         else:
             assert (e.status, e.reason) == (200, "ok"), e.raw
+    # An outage fails every client of the dead server: the access log has each, the error log
+    # one line per server and reason per 10 s (a storm must not flood it).
+    refused = [ln for ln in p.stderr().splitlines() if "upstream-refused" in ln]
+    assert len(refused) == 1 and dead in refused[0], refused
 
 
 # ----------------------------------------------------------------------------- 9. all down

@@ -488,11 +488,86 @@ def test_x_forwarded_for_only_from_a_trusted_proxy(certs, start_proxy, ws_client
         rec.close()
 
 
-def test_websocket_flags_are_checked():
+# ----------------------------------------------------------------------------- passthrough
+
+
+@pytest.fixture
+def ws_broker(mosquitto21_factory):
+    """Mosquitto 2.1 with only a WebSocket listener (its built-in one)."""
+    return mosquitto21_factory(["protocol websockets", "allow_anonymous true"])
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_passthrough_to_a_websocket_broker(version, certs, ws_broker, start_proxy):
+    """--ws-passthrough: the broker speaks WebSocket itself and gets the client's own request
+    and frames; fastproxy still reads the CONNECT (access log with the ClientId) and paho's
+    publish/subscribe round trip works."""
+    fp = ws_proxy(start_proxy, ws_broker, "--ws-passthrough", tls=True)
+    c = paho_ws(fp.port, f"pass-{version}", version=version, certs=certs)
+    got, subscribed = [], threading.Event()
+    done = threading.Event()
+    c.on_subscribe = lambda *a: subscribed.set()
+    c.on_message = lambda cl, u, m: (got.append(m.payload), done.set())
+    c.connect(U.HOST, fp.port, 30)
+    c.loop_start()
+    try:
+        c.subscribe("pass/t", qos=1)
+        assert subscribed.wait(10), "no SUBACK through passthrough"
+        c.publish("pass/t", b"through the broker's own WebSocket", qos=1)
+        assert done.wait(10) and got == [b"through the broker's own WebSocket"]
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    (e,) = fp.wait_access(n=1)
+    assert (e.status, e.clientid) == (200, f"pass-{version}"), e.raw
+    assert f"pass-{version}" in ws_broker.log()
+
+
+def test_passthrough_checks_the_connect_before_the_broker(certs, ws_broker, start_proxy, ws_clients):
+    """wss with client certificates and --require-clientid-cn in passthrough: a CONNECT in
+    fragmented frames with a ClientId other than the CN is refused by fastproxy (CONNACK in a
+    frame) and the broker never sees a connection; thing001 as thing001 gets the broker's own
+    CONNACK."""
+    fp = ws_proxy(start_proxy, ws_broker, "--ws-passthrough", "--client-ca", certs.ca_cert,
+                  "--require-clientid-cn", tls=True)
+    dev = U.client_context(certs, cert=certs.client_cert, key=certs.client_key)
+    w = upgraded(fp, ws_clients, tls_ctx=dev)
+    bad = encode_connect(4, "intruder")
+    w.send(frame(2, bad[:4], fin=False) + frame(9, b"ping") + frame(0, bad[4:]))
+    assert w.read_frame()[1] == 0xA
+    assert w.read_mqtt() == (2, b"\x00\x02")
+    assert w.closed()
+    assert "New connection" not in ws_broker.log() and "intruder" not in ws_broker.log()
+    w = upgraded(fp, ws_clients, tls_ctx=dev)
+    good = encode_connect(4, "thing001", keepalive=30)
+    w.send(frame(2, good[:5], fin=False) + frame(0, good[5:]))
+    assert w.read_mqtt() == (2, b"\x00\x00")
+    w.send(frame(2, U.subscribe_packet(1, "pt/t")))
+    assert w.read_mqtt()[0] == 9
+    w.send(frame(2, U.publish_packet("pt/t", b"echo")))
+    ptype, body = w.read_mqtt()
+    assert ptype == 3 and body.endswith(b"echo")
+    U.wait_until(lambda: "thing001" in ws_broker.log(), 10, what="thing001 at the broker")
+
+
+def test_passthrough_to_a_broker_without_websocket_is_a_502(mosquitto, start_proxy, ws_clients):
+    """A passthrough broker that does not answer the upgrade with 101 (here a plain MQTT
+    listener): the session ends 502 upstream-refused, with the reason logged."""
+    fp = ws_proxy(start_proxy, mosquitto, "--ws-passthrough")
+    w = upgraded(fp, ws_clients)
+    w.send(frame(2, encode_connect(4, "no-ws-broker", keepalive=30)))
+    assert w.closed()
+    (e,) = fp.wait_access(n=1)
+    assert (e.status, e.reason, e.clientid) == (502, "upstream-refused", "no-ws-broker"), e.raw
+
+
+def test_websocket_flags_are_checked(certs):
     for flags, problem in [(["--ws-origins", "https://a.example"], "--ws-origins: needs a WebSocket listener"),
                            (["--websocket", "mqtt"], "--websocket: 'mqtt' is not a path"),
                            (["--websocket", "--ws-origins", "a.example"], "is not an origin"),
-                           (["--websocket", "--ws-passthrough"], "--ws-passthrough: is not supported yet")]:
+                           (["--websocket", "--ws-passthrough", "--tls-cert", certs.server_cert, "--tls-key",
+                             certs.server_key, "--client-ca", certs.ca_cert, "--clientid-from-cn"],
+                            "--clientid-from-cn: cannot rewrite the CONNECT inside passthrough WebSocket frames")]:
         line = U.one_error_line(U.run_cli("check", "--listen", "127.0.0.1:18830", "--upstream",
                                           "127.0.0.1:1883", *flags))
         assert problem in line, (flags, line)

@@ -486,6 +486,7 @@ cdef class Engine:
         if not lc.websocket:
             return 0
         l.websocket = 1
+        l.ws_passthrough = lc.ws_passthrough
         l.ws_max_frame = min(lc.ws_max_frame, 0xFFFFFFFF)
         l.ws_paths = _joined(lc.websocket)
         if lc.ws_origins:

@@ -15,13 +15,13 @@ from mqtt cimport *
 from fastproxy._conn cimport conn_end, conn_refuse, conn_refuse_rc5
 from fastproxy._upstream cimport upstream_connect
 from fastproxy._admission cimport admission_clientid
-from fastproxy._wscodec cimport client_read
+from fastproxy._wscodec cimport client_read, ws_passthrough_switch
 
 cdef void connect_begin(Core* e, Conn* c) noexcept nogil:
     """The client side is usable (TLS done, or plain): read its CONNECT, or connect upstream."""
     cdef Listener* l = &e.listeners[c.listener]
     if not l.mqtt:
-        upstream_connect(e, c)
+        _to_upstream(e, c)
         return
     c.state = ST_MQTT_CONNECT
     c.deadline_ms = e.now + l.mqtt_connect_timeout_ms if l.mqtt_connect_timeout_ms > 0 else 0
@@ -152,7 +152,7 @@ cdef void _connect_valid(Core* e, Conn* c, mqtt_connect* mc) noexcept nogil:
             c.detail_static = b"policy gate unavailable"
             conn_refuse_rc5(e, c, 0x88, R_DENIED)
         return
-    upstream_connect(e, c)
+    _to_upstream(e, c)
 
 
 cdef void connect_policy_answer(Core* e, Conn* c, int action, int rc5, int upstream,
@@ -177,6 +177,10 @@ cdef void connect_policy_answer(Core* e, Conn* c, int action, int rc5, int upstr
         c.upstream = upstream
         c.routed = 1
     if new_id != NULL:
+        if c.ws != NULL and c.ws.passthrough:
+            c.detail_static = b"cannot rewrite the ClientId inside passthrough WebSocket frames"
+            conn_refuse_rc5(e, c, 0x88, R_DENIED)
+            return
         if new_id_len > 65535 or mqtt_parse_connect(<const uint8_t*>d.buf + d.start, c.connect_total,
                                                     c.connect_total, &mc, &me) != MQTT_VALID:
             c.detail_static = b"cannot rewrite the ClientId"
@@ -211,6 +215,15 @@ cdef void connect_policy_answer(Core* e, Conn* c, int action, int rc5, int upstr
             if c.client_id != NULL:
                 memcpy(c.client_id, new_id, <size_t>new_id_len)
                 c.client_id_len = <uint16_t>new_id_len
+    _to_upstream(e, c)
+
+
+cdef void _to_upstream(Core* e, Conn* c) noexcept nogil:
+    """Approved: on to the upstream stage (a passthrough WebSocket client's own request and
+    frames first, in place of the decoded CONNECT)."""
+    if c.ws != NULL and c.ws.passthrough and not c.ws.switched and ws_passthrough_switch(e, c) < 0:
+        conn_end(e, c, R_INTERNAL, ENOMEM)
+        return
     upstream_connect(e, c)
 
 

@@ -13,7 +13,8 @@ from fastproxy._types cimport Core, Conn, Side, Dir
 from fastproxy._bufpool cimport dir_alloc, dir_release, pipe_get, pipe_put
 from fastproxy._transport cimport side_has_input, side_read, side_write, side_shutdown_write
 from fastproxy._conn cimport conn_end
-from fastproxy._wscodec cimport client_read, client_has_input, ws_place_control, ws_frame_payload, ws_send_close
+from fastproxy._wscodec cimport (client_read, client_has_input, ws_place_control, ws_frame_payload,
+                                 ws_send_close, ws_drop_101, ws_release_held)
 from ws cimport WS_SERVER_HEADER_MAX, WS_CLOSE_NORMAL
 
 cdef void relay_start(Core* e, Conn* c) noexcept nogil:
@@ -41,16 +42,29 @@ cdef void relay_pump(Core* e, Conn* c) noexcept nogil:
     if r < 0:
         _end_io(e, c, r, 0)
         return
+    if c.ws != NULL and c.ws.switched and not c.ws.await_101 and c.ws.held != NULL:
+        # passthrough: the broker has answered the upgrade; the client's frames go now
+        if ws_release_held(e, c) < 0:
+            _end_io(e, c, -3, 1)
+            return
+        r = _pump_dir(e, c, &c.cl, &c.up, &c.c2u, 1)
+        if r < 0:
+            _end_io(e, c, r, 1)
+            return
     if c.up.shut_wr and c.cl.shut_wr:
         conn_end(e, c, R_OK, 0)
 
 
 cdef void _end_io(Core* e, Conn* c, int r, bint c2u) noexcept nogil:
-    # r == -1: the source side failed; -2: the destination side; -3: out of resources.
+    # r == -1: the source side failed; -2: the destination side; -3: out of resources;
+    # -5: a passthrough broker did not accept the WebSocket upgrade.
     cdef bint client_side
     cdef int err = fp_errno()
     if r == -3:
         conn_end(e, c, R_INTERNAL, ENOMEM)
+        return
+    if r == -5:
+        conn_end(e, c, R_UPSTREAM_REFUSED, 0)
         return
     client_side = (r == -1) == c2u
     if client_side:
@@ -67,6 +81,9 @@ cdef void _end_io(Core* e, Conn* c, int r, bint c2u) noexcept nogil:
             c.ssl_err = ERR_peek_error()
             ERR_clear_error()
         conn_end(e, c, R_CLIENT_RESET, err)
+    elif c.ws != NULL and c.ws.await_101:
+        c.detail_static = b"the broker reset the connection instead of answering the WebSocket upgrade"
+        conn_end(e, c, R_UPSTREAM_REFUSED, err)
     else:
         conn_end(e, c, R_UPSTREAM_RESET, err)
 
@@ -78,7 +95,8 @@ cdef int _pump_dir(Core* e, Conn* c, Side* src, Side* dst, Dir* d, bint c2u) noe
     Propagates src's EOF to dst once everything read has been flushed."""
     cdef int r
     cdef bint progressed
-    cdef bint ws_out = c.ws != NULL and not c2u     # framing the broker's bytes for a WebSocket client
+    cdef bint ws_out = c.ws != NULL and not c2u and not c.ws.switched   # framing the broker's bytes
+    cdef bint await_101 = c.ws != NULL and not c2u and c.ws.await_101   # passthrough: its 101 first
     if dst.shut_wr:
         return 0
     while True:
@@ -89,6 +107,8 @@ cdef int _pump_dir(Core* e, Conn* c, Side* src, Side* dst, Dir* d, bint c2u) noe
             progressed = ws_place_control(c, d)
         if ws_out and d.end != d.start:
             pass        # one frame per read: read again once this one is out
+        elif c2u and c.ws != NULL and c.ws.await_101:
+            pass        # passthrough: the client's frames wait for the broker's 101
         elif not src.eof and (client_has_input(c) if c2u else side_has_input(src)):
             if c.use_splice and not d.no_splice and d.end == d.start:
                 r = _splice_in(e, c, src, d, c2u)
@@ -99,6 +119,15 @@ cdef int _pump_dir(Core* e, Conn* c, Side* src, Side* dst, Dir* d, bint c2u) noe
             if r < 0:
                 return r
             progressed = r > 0
+        if await_101:
+            if d.end > d.start and ws_drop_101(c, d) < 0:
+                return -5
+            if c.ws.await_101:
+                if src.eof:
+                    c.detail_static = b"the broker closed before answering the WebSocket upgrade"
+                    return -5
+                break       # the rest of the broker's answer is still to come: nothing to send
+            await_101 = False
         if dst.writable:
             r = _flush(e, c, dst, d, c2u)
             if r < 0:

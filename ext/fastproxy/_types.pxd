@@ -57,6 +57,17 @@ cdef struct WsState:
     uint8_t close_recv      # the client's close frame arrived: no data after it
     uint8_t close_sent
     uint8_t failed          # a protocol error ended the session (R_WS_PROTOCOL)
+    # ws_passthrough: the client's request and frames are kept as they came (req, held) until
+    # the CONNECT is approved; then they go to the broker, whose 101 answer is dropped, and the
+    # session is relayed as raw bytes (switched).
+    uint8_t passthrough
+    uint8_t switched
+    uint8_t await_101
+    char* req
+    uint32_t req_len
+    char* held
+    uint32_t held_len
+    uint32_t held_cap
 
 cdef struct Conn:
     Conn* prev
@@ -153,6 +164,7 @@ cdef struct Listener:
     char* ws_paths
     char* ws_origins                # NULL: any origin
     uint32_t ws_max_frame
+    uint8_t ws_passthrough          # relay the upgrade to a WebSocket broker (still reading the CONNECT)
 
 cdef struct Upstream:
     sockaddr_storage addr

@@ -5,8 +5,10 @@ by the handshake timeout), check it (GET, Upgrade/Connection, key, version 13, a
 subprotocol, one of the listener's paths, an allowed Origin), and answer 101 Switching
 Protocols; the CONNECT stage then reads MQTT out of the frames. Anything else is answered
 with an HTTP status and a reason, and no upstream connection is made. X-Forwarded-For is
-believed only from a trusted proxy (trusted_proxies): its last address becomes the client's."""
-from libc.stdlib cimport calloc
+believed only from a trusted proxy (trusted_proxies): its last address becomes the client's.
+With ws_passthrough the 101 is still ours (the client must send its CONNECT before any broker
+is chosen); the client's own request and frames go to the broker once the CONNECT passed."""
+from libc.stdlib cimport calloc, malloc
 from libc.string cimport memcpy, memmove, memset
 from libc.stdint cimport uint8_t, uint32_t
 from system cimport *
@@ -150,6 +152,15 @@ cdef void _accept(Core* e, Conn* c, ws_request* req) noexcept nogil:
         return
     w.dec.max_frame = l.ws_max_frame
     c.ws = w
+    if l.ws_passthrough:
+        # The broker gets the client's own request once the CONNECT is approved.
+        w.passthrough = 1
+        w.req = <char*>malloc(req.length)
+        if w.req == NULL:
+            conn_end(e, c, R_INTERNAL, ENOMEM)
+            return
+        memcpy(w.req, d.buf, req.length)
+        w.req_len = <uint32_t>req.length
     if side_write(&c.cl, resp, k) != k:
         # ~200 bytes to a socket that has sent us a request: only a dead peer refuses them
         conn_end(e, c, R_CLIENT_RESET, fp_errno())

@@ -10,17 +10,20 @@ cdef void ws_free(Core* e, Conn* c) noexcept nogil
 cdef bint ws_place_control(Conn* c, Dir* d) noexcept nogil
 cdef void ws_frame_payload(Dir* d) noexcept nogil
 cdef void ws_send_close(Conn* c, uint16_t code, const char* reason) noexcept nogil
+cdef int ws_passthrough_switch(Core* e, Conn* c) noexcept nogil
+cdef int ws_drop_101(Conn* c, Dir* d) noexcept nogil
+cdef int ws_release_held(Core* e, Conn* c) noexcept nogil
 
 
 cdef inline ssize_t client_read(Core* e, Conn* c, char* out, size_t n) noexcept nogil:
     """Read the client's application bytes: MQTT, whether it speaks it over TCP/TLS or in
     WebSocket frames."""
-    if c.ws != NULL:
+    if c.ws != NULL and not c.ws.switched:
         return ws_read(e, c, out, n)
     return side_read(&c.cl, out, n)
 
 
 cdef inline bint client_has_input(Conn* c) noexcept nogil:
-    if c.ws != NULL and c.ws.raw_off < c.ws.raw_len:
+    if c.ws != NULL and not c.ws.switched and c.ws.raw_off < c.ws.raw_len:
         return True
     return side_has_input(&c.cl)

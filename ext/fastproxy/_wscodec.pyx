@@ -7,14 +7,17 @@ the broker's bytes behind a reserved header and frames each read as one binary m
 next frame boundary; a close is answered and ends the client's input; a protocol violation
 (unmasked or text frame, bad opcode, frame above ws_max_frame) is answered with a close frame
 and its status code, and ends the session (R_WS_PROTOCOL)."""
-from libc.stdlib cimport free
-from libc.string cimport memcpy
+from libc.stdlib cimport free, realloc, malloc
+from libc.string cimport memcpy, memcmp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from fastproxy._defs cimport *
 from fastproxy._types cimport Core, Conn, Dir, WsState
-from fastproxy._bufpool cimport pool_get, pool_put
+from fastproxy._bufpool cimport pool_get, pool_put, dir_release
 from fastproxy._transport cimport side_read, side_write
 from ws cimport *
+
+cdef enum:
+    HOLD_MAX = 1 << 20      # raw bytes of frames kept before a passthrough CONNECT is approved
 
 
 cdef ssize_t ws_read(Core* e, Conn* c, char* out, size_t n) noexcept nogil:
@@ -44,6 +47,11 @@ cdef ssize_t ws_read(Core* e, Conn* c, char* out, size_t n) noexcept nogil:
             w.raw_len = <uint32_t>r
         st = ws_decode(&w.dec, <const uint8_t*>w.raw + w.raw_off, w.raw_len - w.raw_off, &consumed,
                        <uint8_t*>out + produced, n - produced, &p)
+        if w.passthrough and consumed and _hold(w, w.raw + w.raw_off, consumed) < 0:
+            w.failed = 1
+            c.detail_static = b"the frames before the CONNECT exceed what passthrough holds"
+            ws_send_close(c, 1009, c.detail_static)
+            return IO_ERR
         w.raw_off += <uint32_t>consumed
         produced += p
         if w.raw_off == w.raw_len and w.raw != NULL:
@@ -60,6 +68,99 @@ cdef ssize_t ws_read(Core* e, Conn* c, char* out, size_t n) noexcept nogil:
     if produced:
         return <ssize_t>produced
     return IO_EOF if w.close_recv else IO_AGAIN
+
+
+cdef int _hold(WsState* w, const char* p, size_t n) noexcept nogil:
+    """Passthrough: keep the raw frames read before the CONNECT's approval, for the broker.
+    Bounded: a CONNECT is at most max_connect_size once decoded; what carries it may add a
+    header per frame, not more than HOLD_MAX in all."""
+    cdef char* b
+    cdef uint32_t cap
+    if w.held_len + n > HOLD_MAX:
+        return -1
+    if w.held_len + n > w.held_cap:
+        cap = w.held_cap * 2 if w.held_cap else 4096
+        while cap < w.held_len + n:
+            cap *= 2
+        b = <char*>realloc(w.held, cap)
+        if b == NULL:
+            return -1
+        w.held = b
+        w.held_cap = cap
+    memcpy(w.held + w.held_len, p, n)
+    w.held_len += <uint32_t>n
+    return 0
+
+
+cdef int ws_passthrough_switch(Core* e, Conn* c) noexcept nogil:
+    """The CONNECT is approved: the broker gets the client's own upgrade request now, and its
+    frames (held, as they came) once it has answered 101, which is dropped: Mosquitto 2.1
+    drops a client whose first frame arrives with its request, and a browser never sends one
+    before the 101. c2u (the decoded CONNECT) is replaced; the client is not read until then.
+    Returns 0, or -1 without memory."""
+    cdef WsState* w = c.ws
+    cdef Dir* d = &c.c2u
+    cdef uint32_t rest = w.raw_len - w.raw_off
+    if rest and _hold(w, w.raw + w.raw_off, rest) < 0:
+        return -1
+    dir_release(e, d)
+    d.buf = w.req
+    d.cap = w.req_len
+    d.own_buf = 1               # freed after use, not pooled
+    d.start = 0
+    d.end = w.req_len
+    w.req = NULL
+    w.req_len = 0
+    if w.raw != NULL:
+        pool_put(&e.pool, w.raw)
+        w.raw = NULL
+    w.raw_off = w.raw_len = 0
+    w.switched = 1
+    w.await_101 = 1
+    return 0
+
+
+cdef int ws_release_held(Core* e, Conn* c) noexcept nogil:
+    """Passthrough, after the broker's 101: the held frames become what goes to the broker
+    next (c2u is empty by then: the client was not read meanwhile). Returns 0 or -1."""
+    cdef WsState* w = c.ws
+    cdef Dir* d = &c.c2u
+    if w.held_len == 0:
+        return 0
+    if d.end != d.start:
+        return -1
+    dir_release(e, d)
+    d.buf = w.held
+    d.cap = w.held_cap
+    d.own_buf = 1
+    d.start = 0
+    d.end = w.held_len
+    w.held = NULL
+    w.held_len = w.held_cap = 0
+    return 0
+
+
+cdef int ws_drop_101(Conn* c, Dir* d) noexcept nogil:
+    """Passthrough: the broker's answer to the upgrade is at the front of u2c. Returns 1 when
+    it was a 101 and is dropped, 0 when it is not complete yet, -1 when the broker refused
+    (c.detail_static says so)."""
+    cdef uint32_t i
+    cdef const char* p = d.buf + d.start
+    cdef uint32_t n = d.end - d.start
+    for i in range(3, n):
+        if p[i] == 10 and p[i - 1] == 13 and p[i - 2] == 10 and p[i - 3] == 13:
+            if n >= 12 and memcmp(p, b"HTTP/1.1 101", 12) == 0:
+                d.start += i + 1
+                if d.start == d.end:
+                    d.start = d.end = 0
+                c.ws.await_101 = 0
+                return 1
+            c.detail_static = b"the broker refused the WebSocket upgrade"
+            return -1
+    if n >= WS_REQUEST_MAX:
+        c.detail_static = b"the broker's answer to the WebSocket upgrade is too long"
+        return -1
+    return 0
 
 
 cdef void _control(Conn* c, WsState* w) noexcept nogil:
@@ -126,5 +227,7 @@ cdef void ws_free(Core* e, Conn* c) noexcept nogil:
     if c.ws != NULL:
         if c.ws.raw != NULL:
             pool_put(&e.pool, c.ws.raw)
+        free(c.ws.req)
+        free(c.ws.held)
         free(c.ws)
         c.ws = NULL
