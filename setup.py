@@ -5,6 +5,7 @@ Build switches (environment variables):
   FASTPROXY_SANITIZE=1  AddressSanitizer + UndefinedBehaviorSanitizer (run with LD_PRELOAD=$(gcc -print-file-name=libasan.so))
   FASTPROXY_ANNOTATE=1  write Cython HTML annotation next to the sources
 """
+import glob
 import os
 import sys
 
@@ -82,6 +83,8 @@ def ext(name: str, *, ssl: bool = False, parsers: bool = False) -> Extension:
         extra_compile_args=cflags,
         extra_link_args=ldflags,
         define_macros=macros,
+        # a change in a C file rebuilds (relinks) the modules that include or link it
+        depends=sorted(glob.glob("ext/src/*.h") + glob.glob("ext/includes/*.h") + (PARSERS if parsers else [])),
     )
     if parsers:
         WITH_PARSERS.add(e.name)

@@ -269,6 +269,8 @@ def _parse(data: bytes, max_size: int, state: dict[str, Any]) -> Result:
         will_topic = _string(r, "will topic")
         if not valid_topic_name(will_topic):
             raise Bad(TOPIC_NAME_INVALID, "will topic invalid", start)
+        if will_topic.count("/") > 200:   # Mosquitto's TOPIC_HIERARCHY_LIMIT
+            raise Bad(TOPIC_NAME_INVALID, "will topic has more than 200 levels", start)
         will_payload = r.binary("will payload exceeds remaining length")
     username = _string(r, "user name") if username_flag else None
     password = r.binary("password exceeds remaining length") if password_flag else None

@@ -145,6 +145,7 @@ VALID = {
     "v3.1.1 3-byte remaining length": encode_connect(4, "c", username="u", password=b"p" * 20000),
     "v3.1.1 non-ASCII strings": encode_connect(4, "\u00fc\u4e2d\U0001f600", username="\u00e9",
                                                will=Will("\u00e9/\u4e2d", b"")),
+    "v3.1.1 will topic with 200 levels": encode_connect(4, "c", will=Will("/" * 200, b"")),
     # the neighbours of the refused code points are allowed
     "v3.1.1 edges of the refused ranges": encode_connect(
         4, " ~\u00a0\ufdcf\ufdf0\ufffd", username="\U0001fffd\U0010fffd", will=Will("\uffef/\U00010000", b"")),
@@ -291,6 +292,9 @@ INVALID = {
         v5(properties=[("user_property", ("k", "\x1b[2J"))]), 65536, M, "user property: control character or non-character", (5, 0x81)),
     "U+FFFE in content type v5": (
         v5(will=Will("t", b"", properties=[("content_type", "\ufffe")])), 65536, M, "content type: control character or non-character", (5, 0x81)),
+    "will topic with 201 levels": (v4(will=Will("/" * 201, b"")), 65536, T, "will topic has more than 200 levels", NO),
+    "will topic with 201 levels v5": (v5(will=Will("a" + "/" * 201, b"")), 65536, T,
+                                      "will topic has more than 200 levels", (5, 0x90)),
     "U+0000 wins over a control character": (encode_connect(4, b"\x01a\x00"), 65536, M, "client identifier: contains U+0000", NO),
     "ill-formed wins over a control character": (encode_connect(4, b"\x01\xff"), 65536, M, "client identifier: ill-formed UTF-8", NO),
     "U+0000 in user name": (v5(username=b"\x00"), 65536, M, "user name: contains U+0000", (5, 0x81)),

@@ -286,6 +286,17 @@ static inline int topic_name_ok(mqtt_bytes t)
     return t.len > 0 && !memchr(t.ptr, '+', t.len) && !memchr(t.ptr, '#', t.len);
 }
 
+/* Topic levels beyond the first (separators): Mosquitto refuses a publish or will topic with
+ * more than TOPIC_HIERARCHY_LIMIT (200) of them, closing the connection without a CONNACK. */
+#define MQTT_TOPIC_LEVELS_MAX 200
+static inline size_t topic_levels(mqtt_bytes t)
+{
+    size_t i, n = 0;
+    for (i = 0; i < t.len; i++)
+        n += t.ptr[i] == '/';
+    return n;
+}
+
 /* Value types of properties, [5.0] 2.2.2.2 table 2-4. */
 enum { PT_NONE, PT_BYTE, PT_U16, PT_U32, PT_VBI, PT_STRING, PT_BINARY, PT_PAIR };
 
@@ -685,6 +696,8 @@ static int parse(const uint8_t *buf, size_t len, size_t max_size, mqtt_connect *
             return r;
         if (!topic_name_ok(m->will_topic))
             return fail(f, MQTT_RC_TOPIC_NAME_INVALID, "will topic invalid", at);
+        if (topic_levels(m->will_topic) > MQTT_TOPIC_LEVELS_MAX)
+            return fail(f, MQTT_RC_TOPIC_NAME_INVALID, "will topic has more than 200 levels", at);
         /* Will Message / Will Payload: Binary Data ([3.1.1] 3.1.3.3, [5.0] 3.1.3.4). */
         TAKE(cur_bin(c, &m->will_payload), "will payload exceeds remaining length");
     }

@@ -345,6 +345,12 @@ int ws_decode(ws_decoder *d, const uint8_t *in, size_t in_len, size_t *consumed,
                 d->hdr[d->hdr_len++] = in[i++];
                 need = header_size(d->hdr, d->hdr_len);
             }
+            if (d->hdr_len >= 2 && !(d->hdr[1] & 0x80)) {
+                /* refused at once: an unmasked frame's header is shorter than header_size() */
+                *consumed = i;
+                *produced = o;
+                return fail(d, WS_CLOSE_PROTOCOL, "unmasked client frame");
+            }
             if (d->hdr_len < need)
                 break;
             if (begin_frame(d) != WS_D_DATA) {
