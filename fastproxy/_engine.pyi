@@ -15,8 +15,10 @@ IDENTITY_USERNAME_CN: int
 
 # listener, addr, port, protocol, reason index, bytes_sent, bytes_received, start_wall, duration,
 # detail, verified client certificate CN, MQTT ClientId, MQTT 5 reason code of an engine refusal (0: none),
-# upstream index of the session's server (-1: none was chosen)
-EngineRecord = tuple[int, str, int, str, int, int, int, float, float, str | None, str | None, str | None, int, int]
+# upstream index of the session's server (-1: none was chosen), TLS cipher, OpenSSL reason of a failed
+# handshake, WebSocket client, MQTT user name
+EngineRecord = tuple[int, str, int, str, int, int, int, float, float, str | None, str | None, str | None, int, int,
+                     str | None, str | None, bool, str | None]
 # listener, addr, port, CONNECT packet, client certificate DER or None, certificate verified
 PolicyRequest = tuple[int, str, int, bytes, bytes | None, bool]
 # action (0 allow), MQTT 5 reason code of a refusal, upstream index or None, new ClientId or None

@@ -1,8 +1,11 @@
-"""The admin endpoint (JSON status over loopback HTTP) and the master<->worker status channel.
+"""The admin endpoint (JSON status and Prometheus metrics over loopback HTTP) and the
+master<->worker status channel.
 
 One process: AdminServer serves the engine's status directly. Master with workers: the master's
 AdminServer provider asks every worker over its WorkerLink (a socketpair made before fork) and
 merges the answers with merge_worker_status. `fastproxy status` is fetch_status/status_command.
+GET /metrics renders the same provider's answer (each worker's own status, kept under
+"workers" by the merge) with fastproxy.metrics.render; see docs/metrics.md.
 
 Nothing here runs per connection of the proxy; it is plain Python on its own threads.
 """
@@ -24,6 +27,8 @@ from urllib.parse import urlsplit
 
 from .config import parse_admin_address
 from .errors import FastproxyError
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import render as render_metrics
 
 log = logging.getLogger("fastproxy")
 
@@ -110,6 +115,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply_json(500, {"error": str(e) or type(e).__name__})
                 return
             self._reply(200, body, "application/json")
+        elif path == "/metrics":
+            owner = cast(_HTTPServer, self.server).owner
+            try:
+                body = owner._metrics_body()
+            except Exception as e:
+                log.exception("admin: the metrics could not be rendered")
+                self._reply_json(500, {"error": str(e) or type(e).__name__})
+                return
+            self._reply(200, body, METRICS_CONTENT_TYPE)
         elif path == "/health":
             self._reply(200, b"ok\n", "text/plain; charset=utf-8")
         else:
@@ -181,9 +195,10 @@ class AdminServer:
 
     That thread accepts; each connection is answered on a short-lived daemon thread of its
     own (at most MAX_CONNECTIONS, each for at most request_timeout seconds), so an idle
-    client does not delay the others. GET /status (or /): provider() as JSON. GET /health:
-    "ok". provider() is called on a handler thread, never two calls at once, and should
-    answer well within the CLI's 5 s. Not access-controlled: bind it to loopback (the status
+    client does not delay the others. GET /status (or /): provider() as JSON. GET /metrics:
+    provider() in the Prometheus text format (metrics_text). GET /health: "ok". provider()
+    is called on a handler thread, never two calls at once, and should answer well within
+    the CLI's 5 s. Not access-controlled: bind it to loopback (the status
     names upstreams and counts). host "" means 127.0.0.1.
     """
 
@@ -211,6 +226,11 @@ class AdminServer:
         with self._provider_lock:  # providers need not be thread-safe against themselves
             return _json_body(self._provider())
 
+    def _metrics_body(self) -> bytes:
+        with self._provider_lock:
+            status = self._provider()
+        return metrics_text(status).encode("utf-8")
+
     def start(self) -> AdminServer:
         if self._thread is not None or self._stopped:
             raise AdminError("the admin endpoint was already started")
@@ -218,7 +238,7 @@ class AdminServer:
             target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="fastproxy-admin", daemon=True
         )
         self._thread.start()
-        log.info("admin endpoint on http://%s/status", _display(*self.address))
+        log.info("admin endpoint on http://%s/status (metrics: /metrics)", _display(*self.address))
         return self
 
     def stop(self) -> None:
@@ -240,6 +260,20 @@ class AdminServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def metrics_text(status: dict) -> str:
+    """/metrics for a status as the provider gives it: one process's Proxy.status(), or the
+    master's merge_worker_status() answer, whose "workers" hold each worker's own status
+    (with its metrics snapshot); those are summed, a worker that did not answer is counted in
+    fastproxy_workers_missing."""
+    workers = status.get("workers") if isinstance(status, dict) else None
+    if isinstance(workers, list):
+        per = [w for w in workers if isinstance(w, dict) and "error" not in w]
+        missing = len(workers) - len(per)
+    else:
+        per, missing = [status], 0
+    return render_metrics([w.get("metrics") for w in per], per, missing_workers=missing)
 
 
 # ----------------------------------------------------------------------------- client

@@ -54,7 +54,10 @@ _VALUE_FLAGS: list[tuple[str, str, str]] = [
     ("name", "NAME", "listener name used in logs"),
     ("workers", "N|auto", "worker processes sharing the port with SO_REUSEPORT (default 1)"),
     ("drain_timeout", "DUR", "on SIGTERM/SIGINT, let sessions finish this long (default 10s)"),
-    ("access_log", "PATH|-|off", "access log file, '-' for stdout, 'off' (default -)"),
+    ("access_log", "PATH|-|off|syslog:...", "access log: a file, '-' for stdout, 'off', syslog:unix:/dev/log or "
+                                         "syslog:udp:HOST:PORT (default -); SIGUSR1 reopens files"),
+    ("log_format", "NAME|TEMPLATE", "access-log format: default, nginx-stream, json, or a template of $variables "
+                                    "such as '$remote_addr $status $clientid' (default: default)"),
     ("error_log", "PATH|-", "error log file, '-' for stderr (default -)"),
     ("log_level", "LEVEL", "debug, info, warning or error (default info)"),
     ("max_connections", "N|auto", "per-worker connection limit; auto (default): from the descriptor limit and memory, printed at start"),

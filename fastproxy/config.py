@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from . import constants as C
 from .errors import ConfigError
+from .log import parse_log_format, parse_syslog_target
 from .templates import TEMPLATE_FIELDS, template_fields
 
 if sys.version_info >= (3, 11):
@@ -145,6 +146,8 @@ class ListenerConfig:
     ws_max_frame: int = C.WS_MAX_FRAME   # larger client frames: close 1009
     health_proxy_command: str = "proxy"  # PROXY header of checks to PROXY servers: proxy or local
     on_marked_down: str = "none"        # or shutdown-sessions
+    access_log: str | None = None       # this listener's access log ("off": none); None: the top-level one
+    log_format: str | None = None       # this listener's log_format; None: the top-level one
 
     @property
     def balance_mode(self) -> int:
@@ -175,7 +178,8 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     workers: int = 1
     drain_timeout: float = C.DRAIN_TIMEOUT_S
-    access_log: str | None = "-"
+    access_log: str | None = "-"                 # file, "-" (stdout), "stderr", "syslog:...", None: off
+    log_format: str = "default"                  # a name in log.LOG_FORMATS or a $variable template
     error_log: str = "-"
     log_level: str = "info"
     max_connections: int = C.MAX_CONNECTIONS     # 0: auto (descriptor limit and memory)
@@ -245,11 +249,15 @@ _LISTENER_KEYS: dict[str, str] = {
     "ws_passthrough": "bool",
     "ws_origins": "ws_origins",
     "ws_max_frame": "size",
+    # Also top-level keys (below): at the top they set every listener's default.
+    "access_log": "access_target",
+    "log_format": "log_format",
 }
 _GLOBAL_KEYS: dict[str, str] = {
     "workers": "workers",
     "drain_timeout": "duration",
-    "access_log": "log_target",
+    "access_log": "access_target",
+    "log_format": "log_format",
     "error_log": "log_target",
     "log_level": "log_level",
     "max_connections": "max_conns",
@@ -698,6 +706,16 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
             if isinstance(value, bool) or not isinstance(value, int) or not (1 <= value <= 256):
                 raise ValueError(f"expected a number of processes 1-256 or 'auto', got {value!r}")
             return value
+        if kind == "log_format":
+            parse_log_format(value)     # ValueError names an unknown $variable
+            return value
+        if kind == "access_target":
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"expected a file path, '-' (stdout), 'off', syslog:unix:/dev/log or "
+                                 f"syslog:udp:HOST:PORT, got {value!r}")
+            if value.startswith("syslog:"):
+                return parse_syslog_target(value)
+            kind = "log_target"
         if kind == "log_target":
             if not isinstance(value, str) or not value:
                 raise ValueError(f"expected a file path, '-' (stderr/stdout) or 'off', got {value!r}")
@@ -832,7 +850,9 @@ def build_config(raw: Mapping[str, Any], *, source: str = CLI_SOURCE, base_dir: 
     glob: dict[str, Any] = {
         k: _parse_value(top, k, _GLOBAL_KEYS[k], v, base_dir) for k, v in raw.items() if k in _GLOBAL_KEYS
     }
-    defaults = {k: v for k, v in raw.items() if k in _LISTENER_KEYS}
+    # Keys that are both (access_log, log_format) are top-level settings at the top; a
+    # listener's own value, in its [[listener]] table, wins for its sessions.
+    defaults = {k: v for k, v in raw.items() if k in _LISTENER_KEYS and k not in _GLOBAL_KEYS}
 
     tables = raw.get("listener")
     listeners: list[ListenerConfig] = []

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Mapping, Optional, Union
+from typing import Any, Awaitable, Callable, Mapping, Optional, Union
 
 from .config import ListenerConfig
 from .errors import ConfigError
@@ -143,6 +144,7 @@ class ConnectGate:
         upstreams: Mapping[str, int],
         counters: Counter,
         cn_checks_done: bool = False,
+        metrics: Any = None,
     ) -> None:
         self.lc = lc
         self.hook = hook
@@ -150,32 +152,56 @@ class ConnectGate:
         self.counters = counters
         self.cn_checks_done = cn_checks_done  # the engine already applied require_*_cn
         self.errors = 0                       # hooks that raised (or answered nonsense)
+        self.metrics = metrics                # fastproxy.metrics.Metrics: observe_policy() per decision
         self.is_async = hook is not None and (_is_coroutine_function(hook)
                                               or _is_coroutine_function(getattr(hook, "__call__", None)))
 
     def __call__(self, rec: tuple) -> tuple[int, int, int | None, bytes | None]:
+        t0 = time.perf_counter()
         ctx = _Ctx(rec)
         try:
-            decision = self._before_hook(ctx)
+            decision = ctx.builtin = self._before_hook(ctx)
             if decision is None and self.hook is not None:
                 got = self.hook(ctx.hook_info, ctx.cert, ctx.client)
                 if hasattr(got, "__await__"):
                     _close_awaitable(got)
                     raise TypeError("the policy hook returned an awaitable; declare it `async def`")
                 decision = got
-            return self._answer(ctx, decision)
+            ans = self._answer(ctx, decision)
         except Exception:
-            return self._failed(ctx)
+            ans = self._failed(ctx)
+        self._observe(ctx, ans, t0)
+        return ans
 
     async def decide_async(self, rec: tuple) -> tuple[int, int, int | None, bytes | None]:
+        t0 = time.perf_counter()
         ctx = _Ctx(rec)
         try:
-            decision = self._before_hook(ctx)
+            decision = ctx.builtin = self._before_hook(ctx)
             if decision is None and self.hook is not None:
                 decision = await self.hook(ctx.hook_info, ctx.cert, ctx.client)  # type: ignore[misc]
-            return self._answer(ctx, decision)
+            ans = self._answer(ctx, decision)
         except Exception:
-            return self._failed(ctx)
+            ans = self._failed(ctx)
+        self._observe(ctx, ans, t0)
+        return ans
+
+    def _observe(self, ctx: "_Ctx", ans: tuple[int, int, int | None, bytes | None], t0: float) -> None:
+        """Metrics: the decision's latency and outcome category (never the hook's reason text)."""
+        if self.metrics is None:
+            return
+        builtin = ctx.builtin.reason if isinstance(ctx.builtin, Deny) else None
+        if ctx.failed:
+            outcome = "error"
+        elif ans[0]:
+            outcome = "identity" if builtin is not None else "deny"
+        else:
+            outcome = "route" if ans[2] is not None else "allow"
+        try:
+            self.metrics.observe_policy(time.perf_counter() - t0, outcome, listener=self.lc.name, code=ans[1],
+                                        rule=builtin)
+        except Exception:
+            log.exception("%s: policy metrics failed", self.lc.name)
 
     def _failed(self, ctx: "_Ctx") -> tuple[int, int, int | None, bytes | None]:
         host, port = ctx.client
@@ -183,6 +209,7 @@ class ConnectGate:
                       ctx.info.client_id)
         self.counters["policy-error"] += 1
         self.errors += 1
+        ctx.failed = True
         return (1, ReasonCode.SERVER_UNAVAILABLE, None, None)
 
     def _answer(self, ctx: "_Ctx", decision: Decision) -> tuple[int, int, int | None, bytes | None]:
@@ -212,6 +239,7 @@ class ConnectGate:
                 except KeyError:
                     log.error("%s: policy routed to unknown upstream %r; refusing", self.lc.name, decision.upstream)
                     self.counters["policy-error"] += 1
+                    ctx.failed = True
                     return (1, ReasonCode.SERVER_UNAVAILABLE, None, None)
             if decision.client_id is not None and decision.client_id != info.client_id:
                 new_id = decision.client_id.encode("utf-8")
@@ -247,7 +275,7 @@ class ConnectGate:
 class _Ctx:
     """One CONNECT on its way through a gate."""
 
-    __slots__ = ("info", "cert", "client", "rewrite", "hook_info")
+    __slots__ = ("info", "cert", "client", "rewrite", "hook_info", "builtin", "failed")
 
     def __init__(self, rec: tuple) -> None:
         _, host, port, pkt, der, verified = rec
@@ -258,6 +286,8 @@ class _Ctx:
         self.client: tuple[str, int] = (host, port)
         self.rewrite: str | None = None
         self.hook_info: ConnectInfo = info
+        self.builtin: Decision = None       # the built-in rules' Deny, if they refused
+        self.failed = False                 # the hook raised or answered nonsense
 
 
 _CO_COROUTINE = 0x80     # inspect.CO_COROUTINE, without importing inspect (a few MiB per worker)

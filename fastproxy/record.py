@@ -26,3 +26,8 @@ class Record(TypedDict):
     client_id: str | None       # MQTT ClientId of the CONNECT (after any rewrite)
     upstream: str | None        # the broker the session went to ("host:port", "unix:/path", or
                                 # "name (address)" for a named upstream); None if none was chosen
+    cipher: str | None          # TLS cipher suite of the session ("TLS_AES_256_GCM_SHA384"), None without TLS
+    tls_reason: str | None      # OpenSSL's reason for a failed handshake ("sslv3 alert bad certificate")
+    websocket: bool             # the client spoke MQTT over WebSocket (ws / wss)
+    refuse_code: int | None     # MQTT 5 reason code of a refusal decided by the engine's own rules
+    username: str | None        # MQTT user name of the CONNECT (never the password)

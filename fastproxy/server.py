@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from . import constants as C
 from .config import PROXY_PROTOCOL_MODES, Address, Config, ListenerConfig, ServerConfig, key_path
 from .boundary import PolicyDispatcher, RecordSink
+from .metrics import Metrics
 from .errors import ConfigError, EngineNotBuiltError
-from .log import AccessLog, policy_log, server_log, setup_error_log, tls_log, upstream_log
+from .log import AccessLog, AccessLogs, policy_log, reopen_logs, server_log, setup_error_log, tls_log, upstream_log
 from .record import Record
 from .policy import ConnectGate, PolicyHook, engine_identity_checks, load_hook, needs_gate
 from .tls import build_context
@@ -208,6 +209,20 @@ ProxyState = Literal["created", "running", "stopped", "failed"]
 _NOTICE = object()   # marks an engine notice among the connection records
 
 
+class _BoundedCounter(Counter):
+    """Refusals by cause: a hook's reason may hold a ClientId (one key each); past LIMIT
+    distinct causes the rest are counted under one key, so the counters stay bounded."""
+
+    LIMIT = 64
+    OTHER = "other (more distinct reasons than the counters keep)"
+
+    def __setitem__(self, key: Any, value: int) -> None:
+        if key not in self and len(self) >= self.LIMIT:
+            key = self.OTHER
+            value = self.get(key, 0) + 1
+        super().__setitem__(key, value)
+
+
 class _LineLimiter:
     """At most one log line per key per `period` seconds (used on the records thread)."""
 
@@ -261,15 +276,18 @@ class Proxy:
         eng = _require_engine()
         self.config = config
         self._on_record = on_record
-        self._access = access_log if access_log is not None else AccessLog(config.access_log)
+        # each listener's access log (its access_log / log_format, else the top-level ones);
+        # access_log=AccessLog(...) serves every listener
+        self._access = AccessLogs(config, access_log)
         self._thread: threading.Thread | None = None
         self._named: dict[str, int] = {}
         self._error: BaseException | None = None
         self._listener_names: list[str] = []
         self.addresses: list[list[tuple[str, int]]] = []
         self._log_failures = server_log.isEnabledFor(logging.INFO)
-        self.refusals: Counter[str] = Counter()
+        self.refusals: Counter[str] = _BoundedCounter()
         self._upstream_lines = _LineLimiter()
+        self.metrics = Metrics()
         self._gates: list[ConnectGate | None] = []
         # engine upstream index -> (listener, server) for pool servers (named upstreams are in _named)
         self._servers: dict[int, tuple[ListenerConfig, ServerConfig]] = {}
@@ -292,7 +310,8 @@ class Proxy:
                 cid_cn, user_cn = engine_identity_checks(lc)
                 identity = (eng.IDENTITY_CLIENTID_CN if cid_cn else 0) | (eng.IDENTITY_USERNAME_CN if user_cn else 0)
                 gate = (
-                    ConnectGate(lc, hook=hook, upstreams=named, counters=self.refusals, cn_checks_done=bool(identity))
+                    ConnectGate(lc, hook=hook, upstreams=named, counters=self.refusals, cn_checks_done=bool(identity),
+                                metrics=self.metrics)
                     if needs_gate(lc, hook)
                     else None
                 )
@@ -380,15 +399,34 @@ class Proxy:
 
     # -- on the records thread
     def _on_close(self, rec: tuple) -> None:
-        li, host, port, protocol, reason_i, sent, received, t0, duration, detail, cn, client_id, refuse_code, up = rec
+        (li, host, port, protocol, reason_i, sent, received, t0, duration, detail, cn, client_id, refuse_code, up,
+         cipher, tls_reason, websocket, username) = rec
         reason, status = REASONS[reason_i]
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]
-        if self._access.enabled:
-            self._access.write(
-                self._access.format(host, protocol, status, sent, received, duration, reason, clientid=client_id,
-                                    cn=cn, end_time=t0 + duration)
-            )
+        record: Record = {
+            "listener": self._listener_names[li],
+            "addr": host,
+            "port": port,
+            "protocol": protocol,
+            "reason": reason,
+            "status": status,
+            "bytes_sent": sent,
+            "bytes_received": received,
+            "start": t0,
+            "duration": duration,
+            "detail": detail,
+            "cn": cn,
+            "client_id": client_id,
+            "upstream": self._server_name(up),
+            "cipher": cipher,
+            "tls_reason": tls_reason,
+            "websocket": websocket,
+            "refuse_code": refuse_code or None,
+            "username": username,
+        }
+        self.metrics.observe(record)
+        self._access.log(li, record)
         if refuse_code and detail:
             # refused by the engine's own identity rules (the policy gate logs its own)
             self.refusals[detail] += 1
@@ -427,24 +465,7 @@ class Proxy:
             elif reason == "internal-error":
                 server_log.error("%s: client %s:%d: %s%s", name, host, port, reason, f": {detail}" if detail else "")
         if self._on_record is not None:
-            self._on_record(
-                {
-                    "listener": self._listener_names[li],
-                    "addr": host,
-                    "port": port,
-                    "protocol": protocol,
-                    "reason": reason,
-                    "status": status,
-                    "bytes_sent": sent,
-                    "bytes_received": received,
-                    "start": t0,
-                    "duration": duration,
-                    "detail": detail,
-                    "cn": cn,
-                    "client_id": client_id,
-                    "upstream": self._server_name(up),
-                }
-            )
+            self._on_record(record)
 
     def _server_name(self, index: int) -> str | None:
         if index < 0:
@@ -589,7 +610,8 @@ class Proxy:
              "servers": len(lc.servers), "health_interval": lc.health_interval}
             for i, lc in enumerate(self.config.listeners)
         ]
-        return {"pid": os.getpid(), "listeners": listeners, "servers": servers, "counters": self.stats()}
+        return {"pid": os.getpid(), "listeners": listeners, "servers": servers, "counters": self.stats(),
+                "metrics": self.metrics.snapshot()}
 
     def close(self) -> None:
         """Release the listening sockets (also of a Proxy never started), the engine and the
@@ -652,21 +674,41 @@ def _install_stop_handlers(stop: Callable[[float], None], drain: float, *, maste
     signal.signal(signal.SIGINT, handler)
 
 
-# Signals whose default action would end the process (status 129, 138, 140) without a drain.
-# Reload will take one of them; until it lands they are logged and ignored.
-_RESERVED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+# Signals whose default action would end the process (status 129, 140) without a drain.
+# Reload will take one of them; until it lands they are logged and ignored. (SIGUSR1 reopens
+# the log files: _install_reopen_handler.)
+_RESERVED_SIGNALS = (signal.SIGHUP, signal.SIGUSR2)
 
 
 def _install_ignored_signals(level: int = logging.INFO) -> None:
-    """SIGHUP/SIGUSR1/SIGUSR2: one log line each time, and keep serving. The master (or the single
+    """SIGHUP/SIGUSR2: one log line each time, and keep serving. The master (or the single
     process) logs at INFO and does not forward them; workers log at DEBUG, since a signal sent to
-    the whole process group (a terminal hangup, `pkill -HUP fastproxy`) reaches the master too."""
+    the whole process group (a terminal hangup, `pkill -HUP fastproxy`) reaches the master too.
+    SIGUSR1 reopens the log files (_install_reopen_handler, at the same level)."""
 
     def handler(signum: int, frame: Any) -> None:
         server_log.log(level, "%s received: reload is not implemented yet; ignored", signal.Signals(signum).name)
 
     for sig in _RESERVED_SIGNALS:
         signal.signal(sig, handler)
+    _install_reopen_handler(level)
+
+
+def _install_reopen_handler(level: int = logging.INFO, forward: Callable[[], list[int]] | None = None) -> None:
+    """SIGUSR1: reopen this process's access-log files and its error-log file, so logrotate can
+    rename them and signal (no copytruncate). The work runs on a thread of its own, not in the
+    handler, which may have interrupted this thread inside a log write. The master also
+    forwards the signal to each worker (`forward` gives their pids)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        for pid in forward() if forward is not None else ():
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+        threading.Thread(target=reopen_logs, args=(level,), name="fastproxy-reopen", daemon=True).start()
+
+    signal.signal(signal.SIGUSR1, handler)
 
 
 def _run_single(cfg: Config, *, reuseport: bool, announce: str | None = None,
@@ -876,6 +918,7 @@ class _Master:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        _install_reopen_handler(forward=lambda: list(self.children))   # SIGUSR1: here and in each worker
         for _ in range(self.cfg.workers):
             self._spawn(held)
         for h in held:

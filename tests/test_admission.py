@@ -219,5 +219,7 @@ def test_silent_sockets_cost_no_tls_object_and_memory_returns(certs, mosquitto, 
         for c in socks:
             c.close()
     U.wait_until(lambda: n_fds(fp.pid) < 100, 30, what="the silent sockets closed")
+    if "asan" in os.environ.get("LD_PRELOAD", ""):
+        return          # AddressSanitizer's allocator keeps freed memory (quarantine): no trim to see
     U.wait_until(lambda: U.rss_kib(fp.pid) - base < grown / 3, 20,
                  what=f"RSS back near {base} KiB after growing {grown} KiB (now {U.rss_kib(fp.pid)} KiB)")

@@ -191,8 +191,9 @@ def test_unexpected_error_is_one_line(monkeypatch, capsys):
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers2"])
 def test_hup_usr1_usr2_are_logged_and_ignored(certs, mosquitto, start_proxy, paho_client, workers):
-    """SIGHUP, SIGUSR1, SIGUSR2 to `serve` (and, with workers, to each worker) are logged and
-    ignored: every process keeps running, MQTT still flows, and SIGTERM still exits 0."""
+    """SIGHUP and SIGUSR2 to `serve` (and, with workers, to each worker) are logged and ignored;
+    SIGUSR1 reopens the log files (tests/test_access_log.py) and says so: every process keeps
+    running, MQTT still flows, and SIGTERM still exits 0."""
     extra = ["--log-level", "debug"]          # workers log these at debug
     if workers > 1:
         extra += ["--workers", str(workers)]
@@ -209,6 +210,8 @@ def test_hup_usr1_usr2_are_logged_and_ignored(certs, mosquitto, start_proxy, pah
             os.kill(pid, sig)
     for sig in sigs:
         line = f"{sig.name} received: reload is not implemented yet; ignored"
+        if sig == signal.SIGUSR1:
+            line = "SIGUSR1: reopened"
         U.wait_until(lambda: fp.stderr().count(line) >= 1 + len(worker_pids), 10,
                      what=f"{1 + len(worker_pids)} log line(s) '{line}'")
     assert fp.proc.poll() is None, f"serve exited with {fp.proc.returncode}\n{fp.stderr()[-3000:]}"

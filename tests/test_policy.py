@@ -584,3 +584,16 @@ def test_prefixing_hook_and_long_clientid_do_not_crash_the_proxy(certs, mosquitt
     o = U.try_connect(fp.port, U.connect_packet("dev-2"), timeout=5)
     assert o.code == 0, f"the proxy stopped serving: {o}\n{fp.stderr()[-3000:]}"
     wait_id(mosquitto, "tenant-a/dev-2")
+
+
+def test_refusal_counters_stay_bounded():
+    """A hook whose Deny reason holds the ClientId makes one cause per client: past 64 distinct
+    causes they are counted together, so stats() and /status stay bounded."""
+    from fastproxy.server import _BoundedCounter
+
+    c = _BoundedCounter()
+    for i in range(200):
+        c[f"device dev-{i} is not allowed"] += 1
+    c["device dev-0 is not allowed"] += 1
+    assert len(c) == 65 and sum(c.values()) == 201
+    assert c[_BoundedCounter.OTHER] == 136 and c["device dev-0 is not allowed"] == 2

@@ -21,10 +21,14 @@ cdef void conn_end(Core* e, Conn* c, int reason, int err) noexcept nogil:
     c.closed = 1
     if c.policy_token:
         e.forget(e, c)          # a late policy answer for c is dropped, not applied to freed memory
-    if not c.reported:
-        conn_account(e, c, reason, err)
+    # Counted out before the record leaves: whoever has the record sees the counters after it.
     conn_release_server(e, c)
     admission_release(c)
+    e.n_conns -= 1
+    e.ctr.active -= 1
+    e.ctr.closed += 1
+    if not c.reported:
+        conn_account(e, c, reason, err)
     ws_free(e, c)
     if c.cl.ssl != NULL:
         if c.handshake_done and not c.ssl_fatal and not c.cl.shut_wr:
@@ -46,6 +50,9 @@ cdef void conn_end(Core* e, Conn* c, int reason, int err) noexcept nogil:
     if c.client_id != NULL:
         free(c.client_id)
         c.client_id = NULL
+    if c.username != NULL:
+        free(c.username)
+        c.username = NULL
     if c.c2u.pipe_r >= 0:
         pipe_put(e, &c.c2u)
     if c.u2c.pipe_r >= 0:
@@ -61,9 +68,6 @@ cdef void conn_end(Core* e, Conn* c, int reason, int err) noexcept nogil:
     c.next = e.dead
     c.prev = NULL
     e.dead = c
-    e.n_conns -= 1
-    e.ctr.active -= 1
-    e.ctr.closed += 1
 
 
 cdef void conn_account(Core* e, Conn* c, int reason, int err) noexcept nogil:

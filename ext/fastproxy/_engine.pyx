@@ -751,9 +751,17 @@ cdef class Engine:
         elif c.err:
             detail = _os.strerror(c.err)
         client_id = c.client_id[:c.client_id_len].decode("utf-8", "replace") if c.client_id != NULL else None
+        cipher = None
+        if c.cl.ssl != NULL and c.handshake_done:
+            cipher = SSL_get_cipher_name(c.cl.ssl).decode()
+        tls_reason = None
+        if c.ssl_err:
+            r = ERR_reason_error_string(c.ssl_err)
+            tls_reason = r.decode("utf-8", "replace") if r != NULL else "unknown"
+        username = c.username[:c.username_len].decode("utf-8", "replace") if c.username != NULL else None
         return (c.listener, _peer_host(c), _peer_port(c), protocol, c.reason, c.bytes_out, c.bytes_in,
                 c.t_wall, fp_mono_time() - c.t_mono, detail, peer_cn(c), client_id, c.refuse_code,
-                c.upstream)
+                c.upstream, cipher, tls_reason, c.ws != NULL, username)
 
     cdef void _check_signals(self) noexcept with gil:
         # Runs Python-level signal handlers (they may call stop()); KeyboardInterrupt from the

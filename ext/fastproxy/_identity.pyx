@@ -118,6 +118,11 @@ cdef void _connect_valid(Core* e, Conn* c, mqtt_connect* mc) noexcept nogil:
         if c.client_id != NULL:
             memcpy(c.client_id, mc.client_id.ptr, mc.client_id.len)
             c.client_id_len = <uint16_t>mc.client_id.len
+    if mc.username.ptr != NULL and mc.username.len > 0:
+        c.username = <char*>malloc(mc.username.len)
+        if c.username != NULL:
+            memcpy(c.username, mc.username.ptr, mc.username.len)
+            c.username_len = <uint16_t>mc.username.len
     if l.idle_keepalive:
         # MQTT: the server may close after 1.5 keepalive periods without a packet; a
         # keepalive of 0 turns the mechanism off, and so the idle timeout.

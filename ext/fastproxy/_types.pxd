@@ -90,6 +90,8 @@ cdef struct Conn:
     uint16_t keepalive
     uint16_t client_id_len
     char* client_id         # copy of the CONNECT's ClientId (malloc'd), for the access log
+    char* username          # copy of the CONNECT's user name (malloc'd), for the access log
+    uint16_t username_len
     const char* detail_static   # static reason of a refusal (parser), for logs
     int upstream            # index of this session's server, -1 before the choice
     uint64_t tried          # pool positions tried for this session (retry on the next one)
