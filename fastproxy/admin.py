@@ -129,10 +129,23 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._reply_json(404, {"error": "not found"})
 
+    def do_POST(self) -> None:
+        # POST /reload: what SIGHUP does (`fastproxy reload --admin ADDR`). The endpoint listens
+        # on loopback only; the request is answered before the reload runs.
+        if urlsplit(self.path).path != "/reload":
+            self._not_allowed()
+            return
+        owner = cast(_HTTPServer, self.server).owner
+        if owner.reload is None:
+            self._reply_json(501, {"error": "this process cannot reload"})
+            return
+        self._reply_json(202, {"reload": "requested"})
+        owner.reload()
+
     def _not_allowed(self) -> None:
         self._reply_json(405, {"error": "method not allowed"}, {"Allow": "GET"})
 
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
+    do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # Malformed requests (400, 414, 431, 501) get JSON like everything else, not HTML.
@@ -202,8 +215,10 @@ class AdminServer:
     names upstreams and counts). host "" means 127.0.0.1.
     """
 
-    def __init__(self, host: str, port: int, provider: Callable[[], dict]) -> None:
+    def __init__(self, host: str, port: int, provider: Callable[[], dict],
+                 reload: Callable[[], None] | None = None) -> None:
         self._provider = provider
+        self.reload = reload
         self._provider_lock = threading.Lock()
         self.request_timeout = REQUEST_TIMEOUT
         self._thread: threading.Thread | None = None

@@ -61,6 +61,7 @@ _VALUE_FLAGS: list[tuple[str, str, str]] = [
     ("error_log", "PATH|-", "error log file, '-' for stderr (default -)"),
     ("log_level", "LEVEL", "debug, info, warning or error (default info)"),
     ("max_connections", "N|auto", "per-worker connection limit; auto (default): from the descriptor limit and memory, printed at start"),
+    ("pid_file", "FILE", "write the (master) process id here; `fastproxy reload --pid-file FILE` signals it"),
     ("user", "USER", "after binding the ports and reading keys, run as this user (started as root; nginx's user)"),
     ("group", "GROUP", "... and as this group (default: the user's primary group)"),
     ("policy_threads", "N", "threads that run policy hooks, per worker (default 4)"),
@@ -89,6 +90,7 @@ _BOOL_FLAGS: list[tuple[str, str]] = [
     ("clientid_from_cn", "an empty ClientId is replaced by the certificate's CN (EMQX peer_cert_as_clientid)"),
     ("proxy_protocol_crc32c", "add a CRC32C TLV to PROXY v2 headers"),
     ("accept_proxy_protocol", "clients come through a load balancer that sends PROXY v1/v2 headers"),
+    ("watch_certs", "reload when certificate, key, CA or CRL files change (a renewal without a signal)"),
 ]
 
 
@@ -174,6 +176,11 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a configuration (like nginx -t)")
     _add_serve_flags(check)
     sub.add_parser("version", help="print versions and whether the compiled engine is loaded")
+    reload = sub.add_parser("reload", help="make a running proxy re-read its configuration and certificates "
+                                           "(SIGHUP to the process in its --pid-file)")
+    reload.add_argument("--pid-file", metavar="FILE", help="the running proxy's --pid-file")
+    reload.add_argument("--admin", metavar="ADDR", help="or ask the running proxy's admin endpoint (POST /reload)")
+    reload.add_argument("-c", "--config", metavar="FILE", help="read pid_file (or admin) from this configuration file")
     status = sub.add_parser("status", help="print the live state of a running proxy (JSON from its --admin endpoint)")
     status.add_argument("--admin", metavar="ADDR", help="the proxy's admin address (default 127.0.0.1:8404, or the file's)")
     status.add_argument("-c", "--config", metavar="FILE", help="read the admin address from this configuration file")
@@ -213,6 +220,45 @@ def _platform_tag() -> str:
     except Exception:  # noqa: BLE001 - not installed from a wheel (source tree, editable)
         pass
     return sysconfig.get_platform().replace("-", "_").replace(".", "_") + " (built from source)"
+
+
+def _cmd_reload(ns: argparse.Namespace) -> int:
+    path, admin = ns.pid_file, ns.admin
+    if path is None and admin is None and ns.config:
+        cfg = load_config(ns.config)
+        path = cfg.pid_file
+        if path is None and cfg.admin is not None:
+            admin = f"[{cfg.admin.host}]:{cfg.admin.port}" if ":" in cfg.admin.host else f"{cfg.admin.host}:{cfg.admin.port}"
+        if path is None and admin is None:
+            raise ConfigError("has neither pid_file nor admin: give --pid-file or --admin", source=ns.config,
+                              key="pid_file")
+    if path is None and admin is not None:
+        import urllib.request
+
+        from .config import parse_admin_address
+
+        a = parse_admin_address(admin)
+        host = f"[{a.host}]" if ":" in a.host else a.host
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"http://{host}:{a.port}/reload", method="POST"),
+                                        timeout=5) as r:
+                r.read()
+        except OSError as e:
+            print(f"fastproxy: reload: {admin}: {e}", file=sys.stderr)
+            return 1
+        print("reload requested (the proxy's log says whether the new configuration was taken)")
+        return 0
+    if path is None:
+        raise ConfigError("give --pid-file FILE (or -c CONFIG with pid_file)", source="command line", key="reload")
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as e:
+        print(f"fastproxy: reload: {path}: {e}", file=sys.stderr)
+        return 1
+    print(f"reload requested from process {pid} (its log says whether the new configuration was taken)")
+    return 0
 
 
 def _cmd_version() -> int:
@@ -312,12 +358,14 @@ def _run(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     if ns.command == "status":
         return _cmd_status(ns)
     try:
+        if ns.command == "reload":
+            return _cmd_reload(ns)
         cfg = config_from_args(ns)
         if ns.command == "check":
             return _cmd_check(cfg)
         from .server import serve
 
-        return serve(cfg)
+        return serve(cfg, loader=lambda: config_from_args(ns))
     except ConfigError as e:
         print(f"fastproxy: configuration error: {e}", file=sys.stderr)
         return 2

@@ -188,6 +188,8 @@ class Config:
     record_queue: int = C.RECORD_QUEUE           # bound of the engine -> records-thread queue
     upstreams: tuple[tuple[str, Address], ...] = ()   # named upstreams, for policy routing
     admin: Address | None = None        # loopback address of the JSON status endpoint
+    pid_file: str | None = None         # the (master) process's pid, for `fastproxy reload`
+    watch_certs: bool = False           # reload when certificate / key / CA / CRL files change
     user: str | None = None             # run as this user once the ports are bound (needs root)
     group: str | None = None            # ... and this group (default: the user's)
     source: str = CLI_SOURCE
@@ -268,6 +270,8 @@ _GLOBAL_KEYS: dict[str, str] = {
     "admin": "admin",
     "user": "user",
     "group": "group",
+    "pid_file": "pid_file",
+    "watch_certs": "bool",
 }
 ALL_KEYS = {**_LISTENER_KEYS, **_GLOBAL_KEYS}
 
@@ -555,6 +559,11 @@ def _parse_value(ctx: _Ctx, key: str, kind: str, value: Any, base_dir: str) -> A
             if value not in choices:
                 raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
             return value
+        if kind == "pid_file":
+            path = _path(value, base_dir, "a file path")
+            if not os.path.isdir(os.path.dirname(path) or "."):
+                raise ValueError(f"directory of {path} does not exist")
+            return path
         if kind in ("user", "group"):
             import grp
             import pwd

@@ -272,6 +272,8 @@ class Proxy:
         reuseport: bool = False,
         access_log: AccessLog | None = None,
         loop: "asyncio.AbstractEventLoop | None" = None,
+        inherit: dict[tuple[str, int], int] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         eng = _require_engine()
         self.config = config
@@ -287,7 +289,9 @@ class Proxy:
         self._log_failures = server_log.isEnabledFor(logging.INFO)
         self.refusals: Counter[str] = _BoundedCounter()
         self._upstream_lines = _LineLimiter()
-        self.metrics = Metrics()
+        self.metrics = metrics if metrics is not None else Metrics()
+        # listen address -> the descriptor the engine owns; a reload's next Proxy takes dups
+        self.listen_fds: dict[tuple[str, int], int] = {}
         self._gates: list[ConnectGate | None] = []
         # engine upstream index -> (listener, server) for pool servers (named upstreams are in _named)
         self._servers: dict[int, tuple[ListenerConfig, ServerConfig]] = {}
@@ -317,11 +321,20 @@ class Proxy:
                 )
                 bound = []
                 for addr in lc.listen:
-                    s = bind_listener(addr, lc.backlog, reuseport=reuseport)
+                    key = (addr.host, addr.port)
+                    if inherit and addr.port and key in inherit:
+                        # A reload: the same listening socket (its queue and port kept), a dup of
+                        # the previous generation's, which closes its own copy when it retires.
+                        s = socket.socket(fileno=os.dup(inherit[key]))
+                    else:
+                        s = bind_listener(addr, lc.backlog, reuseport=reuseport)
                     socks.append(s)
                     bound.append(s.getsockname()[:2])
+                    fd = s.detach()
+                    if addr.port:
+                        self.listen_fds[key] = fd
                     # The engine owns the descriptor from here on (and closes it on failure).
-                    self.engine.add_listener(s.detach(), lc, pool, tls=ctx, gate=gate is not None, identity=identity)
+                    self.engine.add_listener(fd, lc, pool, tls=ctx, gate=gate is not None, identity=identity)
                     self._listener_names.append(lc.name)
                     self._gates.append(gate)
                 self.addresses.append(bound)
@@ -677,7 +690,7 @@ def _install_stop_handlers(stop: Callable[[float], None], drain: float, *, maste
 # Signals whose default action would end the process (status 129, 140) without a drain.
 # Reload will take one of them; until it lands they are logged and ignored. (SIGUSR1 reopens
 # the log files: _install_reopen_handler.)
-_RESERVED_SIGNALS = (signal.SIGHUP, signal.SIGUSR2)
+_RESERVED_SIGNALS = (signal.SIGHUP, signal.SIGUSR2)    # SIGHUP: until serve installs the reload
 
 
 def _install_ignored_signals(level: int = logging.INFO) -> None:
@@ -687,7 +700,7 @@ def _install_ignored_signals(level: int = logging.INFO) -> None:
     SIGUSR1 reopens the log files (_install_reopen_handler, at the same level)."""
 
     def handler(signum: int, frame: Any) -> None:
-        server_log.log(level, "%s received: reload is not implemented yet; ignored", signal.Signals(signum).name)
+        server_log.log(level, "%s received: ignored", signal.Signals(signum).name)
 
     for sig in _RESERVED_SIGNALS:
         signal.signal(sig, handler)
@@ -711,33 +724,161 @@ def _install_reopen_handler(level: int = logging.INFO, forward: Callable[[], lis
     signal.signal(signal.SIGUSR1, handler)
 
 
+RETIRED_DRAIN_S = 10 * 365 * 86400.0    # a reload's previous generation: sessions end on their own
+
+
+class _Generations:
+    """The proxy of this process, replaced on reload (SIGHUP) without dropping a session: the
+    new configuration is read and checked, a new Proxy is built on the same listening sockets
+    (dups; new addresses bound, removed ones closed), started, and the previous one stops
+    accepting and keeps relaying its sessions until they end. A configuration that does not
+    load is refused with the reason logged; the running one stays. Runs the proxies in threads;
+    the calling (main) thread waits for signals."""
+
+    def __init__(self, cfg: Config, *, reuseport: bool, loader: Callable[[], Config] | None) -> None:
+        self.cfg = cfg
+        self.reuseport = reuseport
+        self.loader = loader
+        self.current = Proxy(cfg, reuseport=reuseport)
+        self.retired: list[Proxy] = []
+        self.stopping: float | None = None
+        self.reloads = 0
+        self._reload = threading.Event()
+        self._wake = threading.Event()
+
+    def status(self) -> dict[str, Any]:
+        st = self.current.status()
+        st["reloads"] = self.reloads
+        st["retired_sessions"] = sum(p.stats()["active"] for p in self.retired if p.engine is not None)
+        return st
+
+    def request_reload(self) -> None:          # from a signal handler: only flags
+        self._reload.set()
+        self._wake.set()
+
+    def stop(self, drain: float) -> None:
+        self.stopping = drain
+        for p in [self.current, *self.retired]:
+            if p.engine is not None:
+                p.engine.stop(drain)
+        self._wake.set()
+
+    def reload(self) -> bool:
+        """Build and start the next generation; False (logged) when the new one cannot be."""
+        if self.loader is None:
+            server_log.warning("reload: this process was not started from a configuration it can re-read")
+            return False
+        try:
+            cfg = self.loader()
+            for w in check_config(cfg):
+                server_log.warning("%s", w)
+            if cfg.workers != self.cfg.workers:
+                server_log.warning("reload: workers stays %d (a restart changes it)", self.cfg.workers)
+            new = Proxy(cfg, reuseport=self.reuseport, inherit=self.current.listen_fds, metrics=self.current.metrics)
+        except (ConfigError, OSError, ValueError) as e:
+            server_log.error("reload refused, the running configuration stays: %s", e)
+            return False
+        new.start()
+        old, self.current, self.cfg = self.current, new, cfg
+        old.stop(RETIRED_DRAIN_S, wait=False)
+        self.retired.append(old)
+        self.reloads += 1
+        server_log.info("reloaded: listening on %s; the previous configuration keeps its %d session(s) "
+                        "until they end", _describe(cfg), old.stats()["active"])
+        return True
+
+    def run(self) -> None:
+        self.current.start()
+        while self.stopping is None:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._reload.is_set() and self.stopping is None:
+                self._reload.clear()
+                self.reload()
+            for p in [p for p in self.retired if p.state != "running"]:
+                self.retired.remove(p)
+                p.close()
+            if self.current.state != "running":
+                break       # the engine failed: Proxy.stop() below re-raises its error
+        drain = self.stopping or 0.0
+        for p in [*self.retired, self.current]:
+            try:
+                p.stop(drain, timeout=drain + 30.0)
+            finally:
+                p.close()
+
+
 def _run_single(cfg: Config, *, reuseport: bool, announce: str | None = None,
-                link: Any = None, master: int | None = None) -> int:
-    proxy = Proxy(cfg, reuseport=reuseport)
+                link: Any = None, master: int | None = None, loader: Callable[[], Config] | None = None) -> int:
+    gens = _Generations(cfg, reuseport=reuseport, loader=loader)
     drop_privileges(cfg)        # ports bound and TLS keys read: nothing further needs root
     admin = None
     if link is not None:
-        link.serve(proxy.status)        # a worker: the master asks over the link
+        link.serve(gens.status)         # a worker: the master asks over the link
     elif cfg.admin is not None:
         from .admin import AdminServer
 
-        admin = AdminServer(cfg.admin.host, cfg.admin.port, proxy.status).start()
+        admin = AdminServer(cfg.admin.host, cfg.admin.port, gens.status,
+                            reload=lambda: os.kill(os.getpid(), signal.SIGHUP)).start()
     if announce:
         server_log.info("%s", announce)
-    _install_stop_handlers(proxy.engine.stop, cfg.drain_timeout, master=master)
+    _install_stop_handlers(gens.stop, cfg.drain_timeout, master=master)
+    signal.signal(signal.SIGHUP, lambda signum, frame: gens.request_reload())
+    watcher = _CertWatcher(cfg, gens.request_reload) if cfg.watch_certs and link is None else None
     try:
-        proxy.run()
+        gens.run()
     finally:
+        if watcher is not None:
+            watcher.stop()
         if admin is not None:
             admin.stop()
-        proxy.close()
     if announce:
         server_log.info("stopped")
     return 0
 
 
-def serve(cfg: Config) -> int:
-    """Run the configured proxy until SIGTERM/SIGINT; returns the exit status."""
+class _CertWatcher:
+    """--watch-certs: re-read certificates when their files change (a renewal that does not
+    signal): polls the listeners' certificate, key, CA and CRL files every `interval` seconds
+    and calls `reload` once a change has been stable for one more poll."""
+
+    def __init__(self, cfg: Config, reload: Callable[[], None], interval: float = 2.0) -> None:
+        self.paths = sorted({p for lc in cfg.listeners for p in (lc.tls_cert, lc.tls_key, lc.client_ca, lc.crl) if p})
+        self.reload = reload
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fastproxy-watch-certs", daemon=True)
+        self._thread.start()
+
+    def _state(self) -> tuple:
+        out: list[tuple] = []
+        for p in self.paths:
+            try:
+                st = os.stat(p)
+                out.append((p, st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append((p, None))
+        return tuple(out)
+
+    def _run(self) -> None:
+        last = self._state()
+        pending = None
+        while not self._stop.wait(self.interval):
+            now = self._state()
+            if now != last:
+                pending, last = now, now        # changed: wait for one quiet poll (a half-written file)
+            elif pending is not None:
+                pending = None
+                server_log.info("certificate files changed: reloading")
+                self.reload()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def serve(cfg: Config, loader: Callable[[], Config] | None = None) -> int:
+    """Run the configured proxy until SIGTERM/SIGINT; returns the exit status. loader() reads
+    the configuration again, for a reload (SIGHUP, `fastproxy reload`, --watch-certs)."""
     setup_error_log(cfg.error_log, cfg.log_level)
     _install_ignored_signals()
     _require_engine()
@@ -751,9 +892,34 @@ def serve(cfg: Config) -> int:
         server_log.warning("max_connections %d is more than the descriptor limit %d allows (about %d sessions): "
                            "accepting will fail before it is reached", cfg.max_connections, limit,
                            max(16, (limit - 64) // 2))
-    if cfg.workers <= 1:
-        return _run_single(cfg, reuseport=False, announce=f"listening on {_describe(cfg)} (fd limit {limit})")
-    return _Master(cfg).run()
+    pid_file = _PidFile(cfg.pid_file)
+    try:
+        if cfg.workers <= 1:
+            return _run_single(cfg, reuseport=False, announce=f"listening on {_describe(cfg)} (fd limit {limit})",
+                               loader=loader)
+        return _Master(cfg, loader).run()
+    finally:
+        pid_file.remove()
+
+
+class _PidFile:
+    """--pid-file: this (master) process's pid, for `fastproxy reload` and init scripts."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        if path:
+            with open(path, "w") as f:
+                f.write(f"{os.getpid()}\n")
+
+    def remove(self) -> None:
+        if self.path:
+            try:
+                with open(self.path) as f:
+                    mine = f.read().strip() == str(os.getpid())
+                if mine:
+                    os.unlink(self.path)
+            except OSError:
+                pass
 
 
 _PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
@@ -783,8 +949,9 @@ class _Master:
     RESTART_WINDOW_S = 10.0
     MAX_QUICK_RESTARTS = 5
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, loader: Callable[[], Config] | None = None) -> None:
         self.cfg = cfg
+        self.loader = loader
         self.children: dict[int, float] = {}
         self.links: dict[int, Any] = {}
         self.stopping = False
@@ -847,7 +1014,7 @@ class _Master:
                     other.close()
                 if link is not None:
                     link.in_worker()
-                code = _run_single(self.cfg, reuseport=True, link=link, master=self.pid)
+                code = _run_single(self.cfg, reuseport=True, link=link, master=self.pid, loader=self.loader)
             except BaseException as e:
                 server_log.error("worker failed: %s", e)
             finally:
@@ -857,6 +1024,30 @@ class _Master:
         if link is not None:
             link.in_master()
             self.links[pid] = link
+
+    def _reloads(self, requested: threading.Event) -> None:
+        """SIGHUP in the master: check the new configuration here (a refusal is logged once,
+        and the workers keep theirs), then each worker reloads itself; workers started later
+        get the new configuration."""
+        while True:
+            requested.wait()
+            requested.clear()
+            if self.stopping or self.loader is None:
+                continue
+            try:
+                cfg = self.loader()
+                for w in check_config(cfg):
+                    server_log.warning("%s", w)
+            except (ConfigError, OSError, ValueError) as e:
+                server_log.error("reload refused, the running configuration stays: %s", e)
+                continue
+            self.cfg = cfg
+            server_log.info("reload: signalling %d worker(s)", len(self.children))
+            for pid in list(self.children):
+                try:
+                    os.kill(pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
 
     def _fork(self) -> int:
         """os.fork() holding fastproxy's log handlers, so that no other thread of the master (the
@@ -919,6 +1110,11 @@ class _Master:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         _install_reopen_handler(forward=lambda: list(self.children))   # SIGUSR1: here and in each worker
+        reload_requested = threading.Event()
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
+        threading.Thread(target=self._reloads, args=(reload_requested,), name="fastproxy-reload", daemon=True).start()
+        if self.cfg.watch_certs:
+            _CertWatcher(self.cfg, reload_requested.set)
         for _ in range(self.cfg.workers):
             self._spawn(held)
         for h in held:
@@ -927,7 +1123,8 @@ class _Master:
         if self.cfg.admin is not None:
             from .admin import AdminServer
 
-            admin = AdminServer(self.cfg.admin.host, self.cfg.admin.port, self.status).start()
+            admin = AdminServer(self.cfg.admin.host, self.cfg.admin.port, self.status,
+                                reload=lambda: os.kill(os.getpid(), signal.SIGHUP)).start()
         server_log.info("listening on %s with %d workers", _describe(self.cfg), self.cfg.workers)
         status = 0
         while self.children:

@@ -171,7 +171,7 @@ def test_unexpected_error_is_one_line(monkeypatch, capsys):
     --log-level debug."""
     import fastproxy.server
 
-    def broken_serve(cfg):
+    def broken_serve(cfg, loader=None):
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(fastproxy.server, "serve", broken_serve)
@@ -191,9 +191,9 @@ def test_unexpected_error_is_one_line(monkeypatch, capsys):
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers2"])
 def test_hup_usr1_usr2_are_logged_and_ignored(certs, mosquitto, start_proxy, paho_client, workers):
-    """SIGHUP and SIGUSR2 to `serve` (and, with workers, to each worker) are logged and ignored;
-    SIGUSR1 reopens the log files (tests/test_access_log.py) and says so: every process keeps
-    running, MQTT still flows, and SIGTERM still exits 0."""
+    """SIGUSR2 to `serve` (and, with workers, to each worker) is logged and ignored; SIGUSR1
+    reopens the log files (tests/test_access_log.py) and SIGHUP reloads (tests/test_reload.py),
+    each saying so: every process keeps running, MQTT still flows, SIGTERM still exits 0."""
     extra = ["--log-level", "debug"]          # workers log these at debug
     if workers > 1:
         extra += ["--workers", str(workers)]
@@ -209,9 +209,8 @@ def test_hup_usr1_usr2_are_logged_and_ignored(certs, mosquitto, start_proxy, pah
         for pid in worker_pids:
             os.kill(pid, sig)
     for sig in sigs:
-        line = f"{sig.name} received: reload is not implemented yet; ignored"
-        if sig == signal.SIGUSR1:
-            line = "SIGUSR1: reopened"
+        line = {signal.SIGUSR1: "SIGUSR1: reopened", signal.SIGHUP: "reloaded: listening on",
+                signal.SIGUSR2: "SIGUSR2 received: ignored"}[sig]
         U.wait_until(lambda: fp.stderr().count(line) >= 1 + len(worker_pids), 10,
                      what=f"{1 + len(worker_pids)} log line(s) '{line}'")
     assert fp.proc.poll() is None, f"serve exited with {fp.proc.returncode}\n{fp.stderr()[-3000:]}"
