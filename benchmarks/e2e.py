@@ -12,6 +12,7 @@ by the load generator, not by the proxy. See benchmarks/README.md.
     python3 benchmarks/e2e.py --only haproxy,nginx --scenarios msg64,idle
     python3 benchmarks/e2e.py --only fastproxy --scenarios pool --pool-size 3   # pool of 3 vs 1 broker
     python3 benchmarks/e2e.py --scenarios silent            # RSS per silent (pre-TLS) socket, ~1 min/round
+    python3 benchmarks/e2e.py --scenarios msg64,wss         # MQTT over WebSocket (wss) vs mqtts, CPU per message
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ from common import (  # noqa: E402
 
 PROXIES = ("fastproxy", "haproxy", "nginx")
 PEERS = ("haproxy", "nginx")
-SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "silent", "latency", "connect", "connect-pp", "pool")
+SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "silent", "latency", "connect", "connect-pp", "pool", "wss")
 DEFAULT_SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "latency")
 # connect-pp: fastproxy alone, without and with a PROXY v2 header (+ SSL TLVs + CN) toward a fake broker
 PP_VARIANTS = ("fastproxy", "fastproxy+v2-ssl-cn")
@@ -73,6 +74,11 @@ POOL_TARGET_PCT = 5.0
 SILENT_HS_TIMEOUT_S = 120
 # silent: after the sockets are closed, sample the proxy's RSS for up to this long (report the last value)
 SILENT_TRIM_WAIT_S = 15.0
+# wss: fastproxy's CPU per QoS 0 64 B message over WebSocket-over-TLS, at most this times the same over mqtts
+WSS_TARGET_RATIO = 1.3
+WSS_PATH = "/mqtt"
+WSS_MIN_COMPLETE = 0.99  # a wss/mqtts run counts only when this share of its messages arrived
+WSS_CLIENTS = ("mosquitto", "loadgen")
 
 
 def pool_variants(n: int) -> tuple[str, str]:
@@ -94,6 +100,7 @@ class Metric:
     target: tuple[str, float] | None = None  # ("peer", k): <= k x best peer; ("abs", v): <= v
     fmt: str = "{:.2f}"
     ratio_to: str | None = None  # a fixed reference instead of the best peer (e.g. "haproxy")
+    no_ratio: bool = False  # the figure is itself a ratio: no "(x)" to a peer
 
 
 METRICS = (
@@ -116,6 +123,14 @@ METRICS = (
            "{:.3f}", ratio_to="haproxy"),
     Metric("connect", "conns_per_s", "mTLS CONNECT/CONNACK connections/s", "conn/s", False, None, "{:,.0f}",
            ratio_to="haproxy"),
+    # wss: the same client (Mosquitto 2.1 mosquitto_pub, or loadgen.py pub) with and without --ws, paired per round
+    Metric("wss", "cpu_us_per_msg_wss", "proxy CPU per message, wss", "µs/msg", True, None, "{:.3f}"),
+    Metric("wss", "cpu_us_per_msg_mqtts", "proxy CPU per message, mqtts (same client)", "µs/msg", True, None,
+           "{:.3f}"),
+    Metric("wss", "wss_over_mqtts", "CPU/msg wss / mqtts (same round)", "x", True, ("abs", WSS_TARGET_RATIO),
+           "{:.2f}", no_ratio=True),
+    Metric("wss", "msgs_per_s_wss", "messages/s, wss", "msg/s", False, None, "{:,.0f}"),
+    Metric("wss", "msgs_per_s_mqtts", "messages/s, mqtts (same client)", "msg/s", False, None, "{:,.0f}"),
 )
 
 
@@ -230,10 +245,14 @@ class Bench:
         self.broker = p
         self.broker_port = port
 
-    def start_mosquitto(self, tag: str) -> tuple[subprocess.Popen, int]:
+    def start_mosquitto(self, tag: str, binary: str = "mosquitto",
+                        ws_port: int | None = None) -> tuple[subprocess.Popen, int]:
+        """ws_port: also a `protocol websockets` listener there (Mosquitto 2.1's built-in one)."""
         port = free_port()
         conf = self.path(f"{tag}.conf")
         with open(conf, "w") as f:
+            if ws_port is not None:
+                f.write(f"listener {ws_port} 127.0.0.1\nprotocol websockets\nmax_connections -1\n")
             f.write(
                 f"listener {port} 127.0.0.1\n"
                 "allow_anonymous true\n"
@@ -248,10 +267,20 @@ class Bench:
             )
             if os.geteuid() == 0:
                 f.write("user root\n")  # keep access to the temp dir; loopback only
-        p = self.procs.start("mosquitto", ["mosquitto", "-c", conf], log_path=self.path(f"{tag}.log"))
+        p = self.procs.start("mosquitto", [binary, "-c", conf], log_path=self.path(f"{tag}.log"))
         wait_port("127.0.0.1", port, 10, p)
-        log(f"{tag} on 127.0.0.1:{port} (pid {p.pid})")
+        if ws_port is not None:
+            wait_port("127.0.0.1", ws_port, 10, p)
+        log(f"{tag} on 127.0.0.1:{port}" + (f", websockets on 127.0.0.1:{ws_port}" if ws_port else "")
+            + f" (pid {p.pid})")
         return p, port
+
+    def start_ws_broker(self) -> None:
+        """wss: Mosquitto 2.1 with a WebSocket listener, the upstream of HAProxy and nginx (they pass the
+        WebSocket through); its plain TCP listener is where the counting subscriber connects."""
+        self.ws_broker_ws_port = free_port()
+        _, self.ws_broker_port = self.start_mosquitto("mosquitto21-ws", self.a.mosquitto21_bin,
+                                                      ws_port=self.ws_broker_ws_port)
 
     def start_pool_brokers(self) -> None:
         """--pool-size Mosquittos for the pool scenario (the pool=1 variant uses the first)."""
@@ -271,14 +300,17 @@ class Bench:
     def start_proxy(self, name: str, upstream_port: int, check_clientid: bool = False,
                     proxy_protocol: str | None = None,
                     fastproxy_args: Sequence[str] = (),
-                    handshake_timeout: int | None = None) -> tuple[subprocess.Popen, int]:
+                    handshake_timeout: int | None = None, wss: bool = False) -> tuple[subprocess.Popen, int]:
         """check_clientid: the `connect` job (ClientId must equal the client certificate's CN);
         nginx cannot do it without njs and ignores it (plain mTLS reference).
         fastproxy_args: more `fastproxy serve` options (e.g. further --upstream: a pool); fastproxy only.
         handshake_timeout: seconds a client may take from accept to the end of its TLS handshake
         (fastproxy --handshake-timeout, nginx ssl_handshake_timeout; HAProxy 2.6 bounds the handshake
         with `timeout client`, 1 h here, so it needs nothing); None: each proxy's default (fastproxy
-        10 s, HAProxy 1 h, nginx 60 s)."""
+        10 s, HAProxy 1 h, nginx 60 s).
+        wss: the listener speaks MQTT over WebSocket over TLS (same TLS setup): fastproxy --websocket
+        (upstream: plain MQTT), HAProxy `mode http` and nginx `http` + proxy_pass with the Upgrade headers
+        (upstream: a broker's WebSocket listener; both pass the WebSocket through unchanged)."""
         if fastproxy_args and name != "fastproxy":
             raise ValueError("fastproxy_args: fastproxy only")
         port = free_port()
@@ -311,6 +343,8 @@ class Bench:
                 argv += ["--proxy-protocol", proxy_protocol]
             if handshake_timeout is not None:
                 argv += ["--handshake-timeout", f"{handshake_timeout}s"]
+            if wss:
+                argv += ["--websocket", WSS_PATH]
             argv += list(fastproxy_args)
             env = dict(os.environ)
             env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -324,8 +358,8 @@ class Bench:
                     "    nbthread 1\n"  # one thread: the same single core budget as the others
                     f"    maxconn {self.maxconn}\n"
                     "defaults\n"
-                    "    mode tcp\n"
-                    "    timeout connect 5s\n"
+                    + ("    mode http\n    timeout tunnel 1h\n    timeout http-request 10s\n" if wss else "    mode tcp\n")
+                    + "    timeout connect 5s\n"
                     # also the TLS handshake timeout: 2.6 has no `timeout client-hs` (2.8+), and
                     # 2.8+ falls back to `timeout client` without one (handshake_timeout: 1 h >= it)
                     "    timeout client 1h\n"
@@ -341,6 +375,49 @@ class Bench:
                 )
             p = self.procs.start(name, ["haproxy", "-db", "-f", cfg], log_path=logp)
             expect_procs = 1
+        elif name == "nginx" and wss:
+            prefix = self.path(tag)
+            os.makedirs(prefix, exist_ok=True)
+            cfg = os.path.join(prefix, "nginx.conf")
+            with open(cfg, "w") as f:
+                f.write(
+                    "daemon off;\n"
+                    "worker_processes 1;\n"
+                    f"worker_rlimit_nofile {self.nofile};\n"
+                    f"pid {prefix}/nginx.pid;\n"
+                    f"error_log {prefix}/error.log warn;\n"
+                    f"events {{ worker_connections {2 * self.maxconn}; }}\n"
+                    "http {\n"
+                    "    access_log off;\n"
+                    f"    client_body_temp_path {prefix}/body;\n"
+                    f"    proxy_temp_path {prefix}/proxy;\n"
+                    f"    fastcgi_temp_path {prefix}/fastcgi;\n"
+                    f"    uwsgi_temp_path {prefix}/uwsgi;\n"
+                    f"    scgi_temp_path {prefix}/scgi;\n"
+                    "    server {\n"
+                    f"        listen 127.0.0.1:{port} ssl;\n"
+                    f"        ssl_certificate {c.server_crt};\n"
+                    f"        ssl_certificate_key {c.server_key};\n"
+                    "        ssl_protocols TLSv1.3;\n"
+                    f"        ssl_conf_command Ciphersuites {self.a.tls_suite};\n"
+                    "        ssl_verify_client on;\n"
+                    f"        ssl_client_certificate {c.ca};\n"
+                    f"        location {WSS_PATH} {{\n"
+                    f"            proxy_pass http://127.0.0.1:{upstream_port};\n"
+                    "            proxy_http_version 1.1;\n"
+                    "            proxy_set_header Upgrade $http_upgrade;\n"
+                    "            proxy_set_header Connection \"upgrade\";\n"
+                    "            proxy_set_header Host $host;\n"
+                    "            proxy_connect_timeout 5s;\n"
+                    "            proxy_read_timeout 1h;\n"
+                    "            proxy_send_timeout 1h;\n"
+                    "        }\n"
+                    "    }\n"
+                    "}\n"
+                )
+            p = self.procs.start(name, ["nginx", "-p", prefix, "-c", cfg, "-e", f"{prefix}/error.log"],
+                                 log_path=logp)
+            expect_procs = 2  # master + one worker
         elif name == "nginx":
             prefix = self.path(tag)
             os.makedirs(prefix, exist_ok=True)
@@ -438,11 +515,19 @@ class Bench:
                 f.write(line * left)
         return path
 
-    def run_msg(self, proxy: str, size: int) -> dict:
-        """mosquitto_pub -l (QoS 0) through the proxy; a mosquitto_sub on the broker counts arrivals."""
+    def run_msg(self, proxy: str, size: int, transport: str | None = None) -> dict:
+        """mosquitto_pub -l (QoS 0) through the proxy; a mosquitto_sub on the broker counts arrivals.
+
+        transport (the wss scenario): "mqtts" or "wss", with the --wss-client publisher (Mosquitto 2.1's
+        mosquitto_pub, with --ws for wss, or loadgen.py pub). For wss, HAProxy and nginx pass the
+        WebSocket through to Mosquitto 2.1's WebSocket listener and the messages are counted there;
+        fastproxy (and every mqtts run) relays to the broker of the other scenarios."""
         n = self.a.messages
         data = self.data_file(size, n)
         bp = self.broker_port
+        upstream = bp
+        if transport == "wss" and proxy in PEERS:
+            bp, upstream = self.ws_broker_port, self.ws_broker_ws_port
         topic = f"bench/{self._name('d')}"
         sub = self.procs.start("mosquitto_sub", ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(bp), "-q", "0",
                                                  "-t", f"{topic}/#", "-F", "%t", "-i", self._name("count")],
@@ -464,11 +549,21 @@ class Bench:
             if proxy == "direct":
                 target, pgid = ["-p", str(bp)], None
             else:
-                px, port = self.start_proxy(proxy, bp)
+                px, port = self.start_proxy(proxy, upstream, wss=transport == "wss")
                 target, pgid = ["-p", str(port)] + self.tls_args(), px.pid
             argv = ["mosquitto_pub", "-h", "127.0.0.1", *target, "-t", f"{topic}/data", "-q", "0", "-l",
                     "-i", self._name("pub")]
-            perf = self.perf_start(f"msg{size}", proxy, pgid) if pgid else None
+            if transport is not None and self.a.wss_client == "mosquitto":
+                argv[0] = self.a.mosquitto21_pub
+                if transport == "wss":
+                    argv.append("--ws")
+            elif transport is not None:
+                argv = [PY, LOADGEN, "pub", "--port", str(port), *self.loadgen_tls(), "--topic", f"{topic}/data",
+                        "--messages", str(n), "--size", str(size), "--client-id", self._name("pub"),
+                        "--batch", str(self.a.wss_batch), "--max-seconds", str(self.a.step_timeout)]
+                if transport == "wss":
+                    argv += ["--ws", "--path", WSS_PATH]
+            perf = self.perf_start(f"{transport or 'msg'}{size}", proxy, pgid) if pgid else None
             c0 = group_cpu(pgid) if pgid else None
             t0 = time.monotonic()
             with open(data, "rb") as stdin:
@@ -509,6 +604,30 @@ class Bench:
             if px is not None:
                 self.procs.stop(px)
             self.procs.stop(sub)
+
+    def run_wss(self, proxy: str) -> dict:
+        """The same --messages QoS 0 64 B messages through the proxy twice, with the same publisher:
+        over mqtts (MQTT in TLS) and over wss (MQTT in WebSocket binary frames in TLS); the order
+        alternates by round. wss_over_mqtts = CPU per message wss / mqtts of this round."""
+        order = ("mqtts", "wss") if self.round % 2 else ("wss", "mqtts")
+        sub: dict[str, dict] = {}
+        for t in order:
+            sub[t] = self.run_msg(proxy, self.a.wss_size, transport=t)
+        res: dict = {"order": list(order), "client": self.a.wss_client, "size": self.a.wss_size}
+        for t in ("mqtts", "wss"):
+            r = sub[t]
+            res[t] = r
+            # a run that lost messages (a connection cut mid-stream: Mosquitto 2.1.2's WebSocket listener
+            # does that under bursts) has no per-message figure: its CPU also paid for what was lost
+            complete = r.get("count", 0) >= WSS_MIN_COMPLETE * r.get("expected", 1)
+            res[f"cpu_us_per_msg_{t}"] = r.get("cpu_us_per_msg") if complete else None
+            res[f"msgs_per_s_{t}"] = r.get("msgs_per_s") if complete else None
+        a, b = res["cpu_us_per_msg_wss"], res["cpu_us_per_msg_mqtts"]
+        res["wss_over_mqtts"] = a / b if a and b else None
+        warn = [f"{t}: {sub[t]['warning']}" for t in order if sub[t].get("warning")]
+        if warn:
+            res["warning"] = "; ".join(warn)
+        return res
 
     # ---- pool: fastproxy with one broker vs a pool of --pool-size brokers
 
@@ -1095,8 +1214,10 @@ def run(a: argparse.Namespace) -> dict:
     b = Bench(a)
     results: list[dict] = []
     try:
-        if set(a.scenarios) & {"msg64", "msg1k", "idle", "silent", "latency", "connect"}:
+        if set(a.scenarios) & {"msg64", "msg1k", "idle", "silent", "latency", "connect", "wss"}:
             b.start_broker()
+        if "wss" in a.scenarios and set(proxies) & set(PEERS):
+            b.start_ws_broker()
         if "bulk" in a.scenarios:
             b.start_sink()
         if "connect-pp" in a.scenarios:
@@ -1119,6 +1240,7 @@ def run(a: argparse.Namespace) -> dict:
             "connect": b.run_connect,
             "connect-pp": lambda v: b.run_connect("fastproxy", pp_variant=v),
             "pool": b.run_pool,
+            "wss": b.run_wss,
         }
         for rnd in range(1, a.rounds + 1):
             if time.monotonic() - t_start > a.time_budget:
@@ -1164,6 +1286,8 @@ def run(a: argparse.Namespace) -> dict:
             "background_busy": b.background,
             "pool_variants": list(pool_variants(a.pool_size)) if "pool" in a.scenarios else [],
             "silent_conns": a.silent_conns if "silent" in a.scenarios else None,
+            "wss_client": a.wss_client if "wss" in a.scenarios else None,
+            "wss_size": a.wss_size if "wss" in a.scenarios else None,
             "wall_s": round(time.monotonic() - t_start, 1)}
 
 
@@ -1184,6 +1308,13 @@ def _brief(sc: str, r: dict) -> str:
              f"rss {r['rss_before_kib']} -> {r['rss_held_kib']} KiB, {(r['kib_per_silent_conn'] or 0):.2f} KiB/conn; "
              f"after close {r['rss_after_close_kib']:+} KiB at {r['rss_after_close_s']:.1f}s; "
              f"device {'ok' if r['device_ok'] else 'FAILED'}")
+    elif sc == "wss":
+        parts = []
+        for t in r.get("order", ()):
+            x = r.get(t, {})
+            parts.append(f"{t} {x.get('count')}/{x.get('expected')} msgs {x.get('msgs_per_s') or 0:,.0f} msg/s "
+                         f"{(x.get('cpu_us_per_msg') or 0):.3f} µs/msg")
+        s = "; ".join(parts) + (f"; wss/mqtts {r['wss_over_mqtts']:.2f}" if r.get("wss_over_mqtts") else "")
     elif sc == "pool":
         s = (f"{r.get('count')}/{r.get('expected')} msgs from {r['clients']} clients, per broker {r['per_broker']}, "
              f"{r.get('msgs_per_s') or 0:,.0f} msg/s, {(r['cpu_us_per_msg'] or 0):.3f} µs/msg (cpu {r['cpu_s']:.3f}s)")
@@ -1246,7 +1377,7 @@ def summarize(out: dict) -> dict:
             best_name = (min if m.lower_is_better else max)(peers, key=peers.get)
         ratios = {}
         # a ratio only means something when both are positive (added latency can be <= 0 in noise)
-        if best_name is not None and peers[best_name] > 0:
+        if best_name is not None and peers[best_name] > 0 and not m.no_ratio:
             for p, v in vals.items():
                 if p != "direct" and v > 0:
                     ratios[p] = v / peers[best_name]
@@ -1271,6 +1402,12 @@ def summarize(out: dict) -> dict:
                 vals[p] = median(xs)
         if vals:
             summary[f"latency.{key}"] = {"label": f"round trip {key[:3]} (absolute)", "unit": "µs", "median": vals}
+    # wss against the msg64 (msg1k) row of the same run (mosquitto_pub 2.0 as the mqtts client: another client)
+    w = summary.get("wss.cpu_us_per_msg_wss", {}).get("median", {})
+    m64 = summary.get({64: "msg64", 1024: "msg1k"}.get(out.get("wss_size") or 0, "-") + ".cpu_us_per_msg",
+                      {}).get("median", {})
+    if w and m64:
+        summary["wss.vs_msg64"] = {p: w[p] / m64[p] for p in w if m64.get(p)}
     # silent: was a real device served while the silent sockets were held (a note, not a gate)
     dev = {}
     for p in out["proxies"]:
@@ -1348,7 +1485,7 @@ def print_table(out: dict, summary: dict) -> None:
     has_direct = any("direct" in s.get("median", {}) for s in summary.values())
     if not has_direct:
         cols.remove("direct")
-    w0, w = 44, 18
+    w0, w = 50, 18
     hdr = f"{'figure':<{w0}}" + "".join(f"{c:>{w}}" for c in cols) + f"  {'target (fastproxy)':<22}"
     print()
     print(hdr)
@@ -1385,6 +1522,18 @@ def print_table(out: dict, summary: dict) -> None:
     if summary.get("connect.cpu_ms_per_conn", {}).get("median"):
         print("connect rows: (x) = ratio to HAProxy (the only peer doing the same job: verify required + ClientId == CN);"
               "\n  nginx there is a plain mTLS reference (no MQTT parsing, no ClientId check), not the same job.")
+    if summary.get("wss.cpu_us_per_msg_wss", {}).get("median"):
+        cl = ("Mosquitto 2.1 mosquitto_pub -l (--ws for wss)" if out.get("wss_client") == "mosquitto"
+              else "loadgen.py pub (Python, masked frames)")
+        print(f"wss rows: QoS 0 messages of {out.get('wss_size')} B; the same publisher for both transports ({cl}), mTLS; "
+              "fastproxy --websocket -> plain MQTT "
+              "to the broker;\n  HAProxy (mode http) and nginx (http, proxy_pass + Upgrade) pass the WebSocket "
+              "through to Mosquitto 2.1's websockets listener.")
+        vs = summary.get("wss.vs_msg64")
+        if vs:
+            print(f"wss CPU per message / msg{'64' if out.get('wss_size') == 64 else '1k'} row of this run "
+                  "(mosquitto_pub 2.0, another client): "
+                  + ", ".join(f"{p} {v:.2f}x" for p, v in vs.items()))
     dev = summary.get("silent.device")
     if dev:
         cells = ", ".join(f"{p} {d['ok']}/{d['runs']} ok" for p, d in dev["per_proxy"].items())
@@ -1459,6 +1608,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pool-health-interval", metavar="DUR",
                    help="pool scenario: --health-interval for both variants (default: fastproxy's default, "
                         "i.e. 2s for the pool, off for one broker)")
+    p.add_argument("--mosquitto21", metavar="DIR",
+                   help="wss scenario: Mosquitto 2.1 install prefix (sbin/mosquitto: the peers' WebSocket broker; "
+                        "bin/mosquitto_pub: the publisher). Default: $FASTPROXY_MOSQUITTO21 (the binary), else what "
+                        "scripts/build-mosquitto prints (it builds 2.1.2 when missing)")
+    p.add_argument("--wss-client", choices=WSS_CLIENTS, default="loadgen",
+                   help="wss scenario: publisher for both transports: loadgen.py pub [--ws] (Python; default) or "
+                        "Mosquitto 2.1's mosquitto_pub -l [--ws] (loses QoS 0 messages under bursts, see README)")
+    p.add_argument("--wss-size", type=int, default=64, help="wss scenario: message payload bytes (default 64)")
+    p.add_argument("--wss-batch", type=int, default=1,
+                   help="wss scenario with --wss-client loadgen: MQTT packets per write (default 1)")
     p.add_argument("--json", metavar="FILE", help="write all raw results and the summary as JSON")
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run")
     p.add_argument("--no-direct", dest="direct", action="store_false",
@@ -1490,11 +1649,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if (a.rounds < 1 or a.messages < 1 or a.bulk_mb < 1 or a.idle_conns < 1 or a.connect_conns < 1
             or a.silent_conns < 1):
         p.error("--rounds, --messages, --bulk-mb, --idle-conns, --silent-conns and --connect-conns must be positive")
+    if a.wss_size < 1 or a.wss_batch < 1:
+        p.error("--wss-size and --wss-batch must be positive")
     if not 2 <= a.pool_size <= 64 or a.pool_clients < 1 or a.pool_msg_size < 1:
         p.error("--pool-size must be 2..64, --pool-clients and --pool-msg-size positive")
     if "pool" in a.scenarios and a.messages < a.pool_clients:
         p.error("--messages must be at least --pool-clients")
+    a.mosquitto21_bin = a.mosquitto21_pub = None
+    # Mosquitto 2.1: the peers' WebSocket broker, and the publisher with --wss-client mosquitto
+    if "wss" in a.scenarios and (a.wss_client == "mosquitto" or set(a.only) & set(PEERS)):
+        try:
+            a.mosquitto21_bin, a.mosquitto21_pub = find_mosquitto21(a.mosquitto21)
+        except BenchError as e:
+            p.error(str(e))
     return a
+
+
+def find_mosquitto21(prefix: str | None) -> tuple[str, str]:
+    """(sbin/mosquitto, bin/mosquitto_pub) of a Mosquitto 2.1 with websockets."""
+    if prefix:
+        sbin = os.path.join(prefix, "sbin", "mosquitto")
+    elif os.environ.get("FASTPROXY_MOSQUITTO21"):
+        sbin = os.environ["FASTPROXY_MOSQUITTO21"]
+    else:
+        try:
+            r = subprocess.run([os.path.join(REPO, "scripts", "build-mosquitto")], capture_output=True, text=True,
+                               timeout=1800)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise BenchError(f"scripts/build-mosquitto failed: {e}") from None
+        if r.returncode != 0:
+            raise BenchError(f"scripts/build-mosquitto failed: {r.stderr.strip()[-500:]}")
+        sbin = r.stdout.strip().splitlines()[-1]
+    pub = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(sbin))), "bin", "mosquitto_pub")
+    for f in (sbin, pub):
+        if not os.access(f, os.X_OK):
+            raise BenchError(f"wss scenario: {f} not found (Mosquitto 2.1: --mosquitto21 PREFIX)")
+    return sbin, pub
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,13 +8,17 @@
     loadgen.py connect  --port P --conns N ...            N x (mTLS handshake, CONNECT, CONNACK, DISCONNECT)
     loadgen.py broker   --port P                          fake MQTT broker: skips a PROXY v1/v2 header,
                                                           CONNACKs every CONNECT, closes on DISCONNECT
+    loadgen.py pub      --port P --messages N [--ws] ...  N QoS 0 PUBLISHes over mTLS, as MQTT (mqtts) or
+                                                          MQTT over WebSocket (wss: masked binary frames)
 
 Every mode is bounded by --max-seconds and prints one JSON object per result on stdout.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import errno
+import hashlib
 import json
 import os
 import selectors
@@ -700,6 +704,160 @@ def cmd_broker(a: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- pub (mqtts / wss)
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def ws_mask(data: bytes, mask: bytes) -> bytes:
+    """RFC 6455 5.3: payload XOR the 4-byte mask, repeated (big-int XOR: no per-byte Python loop)."""
+    if not data:
+        return b""
+    m = (mask * (len(data) // 4 + 1))[: len(data)]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(m, "big")).to_bytes(len(data), "big")
+
+
+def ws_client_frame(payload: bytes, opcode: int = 0x2, mask: bytes | None = None) -> bytes:
+    """One client frame: FIN, the opcode, MASK set, 7/16/64-bit length, masking key, masked payload."""
+    mask = os.urandom(4) if mask is None else mask
+    n = len(payload)
+    if n < 126:
+        hdr = bytes([0x80 | opcode, 0x80 | n])
+    elif n < 65536:
+        hdr = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        hdr = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
+    return hdr + mask + ws_mask(payload, mask)
+
+
+class WsReader:
+    """Server frames (unmasked) -> (opcode, payload) tuples."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self.buf += data
+        out = []
+        while len(self.buf) >= 2:
+            b = self.buf
+            n, at = b[1] & 0x7F, 2
+            if n == 126:
+                if len(b) < 4:
+                    break
+                n, at = int.from_bytes(b[2:4], "big"), 4
+            elif n == 127:
+                if len(b) < 10:
+                    break
+                n, at = int.from_bytes(b[2:10], "big"), 10
+            if b[1] & 0x80:
+                at += 4  # a masked server frame is a protocol error; skip the key anyway
+            if len(b) < at + n:
+                break
+            out.append((b[0] & 0x0F, bytes(b[at : at + n])))
+            del b[: at + n]
+        return out
+
+
+def ws_upgrade(s, host: str, port: int, path: str, timeout: float) -> bytes:
+    """The client side of the opening handshake (subprotocol mqtt); returns bytes that followed the
+    101 response (already frames)."""
+    key = base64.b64encode(os.urandom(16))
+    s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: " + f"{host}:{port}".encode() +
+              b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: " + key +
+              b"\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n")
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\r\n\r\n" not in buf:
+        if time.monotonic() > deadline or len(buf) > 16384:
+            raise ConnectionError("no WebSocket upgrade response")
+        data = s.recv(4096)
+        if not data:
+            raise ConnectionError(f"closed during the WebSocket upgrade ({buf[:80]!r})")
+        buf += data
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    if len(lines[0].split()) < 2 or lines[0].split()[1] != b"101":
+        raise ConnectionError(f"WebSocket upgrade refused: {lines[0]!r}")
+    want = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+    hdrs = {ln.split(b":", 1)[0].strip().lower(): ln.split(b":", 1)[1].strip() for ln in lines[1:] if b":" in ln}
+    if hdrs.get(b"sec-websocket-accept") != want:
+        raise ConnectionError("wrong Sec-WebSocket-Accept")
+    return rest
+
+
+def cmd_pub(a: argparse.Namespace) -> int:
+    """One mTLS connection; with --ws the WebSocket upgrade (path --path, subprotocol mqtt); MQTT
+    CONNECT, wait for CONNACK; then --messages QoS 0 PUBLISHes of --size bytes to --topic, --batch
+    packets per write (1: one TLS record per message, like mosquitto_pub -l; TCP_NODELAY off unless
+    --nodelay, as in mosquitto_pub, so that the kernel merges small records); DISCONNECT (and a
+    close frame with --ws), close. With --ws every MQTT packet is one masked binary frame; the
+    frames are prebuilt with 256 different random masking keys (the proxy unmasks every byte
+    either way), so that the generator spends its time in ssl writes, not in Python masking."""
+    signal.signal(signal.SIGTERM, _term)
+    ctx = client_ssl_context(a.ca, a.cert, a.key)
+    t0 = time.monotonic_ns()
+    raw = socket.create_connection((a.host, a.port), timeout=a.max_seconds)
+    if a.nodelay:  # off by default, as in mosquitto_pub (without --nodelay): Nagle merges small records
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s = ctx.wrap_socket(raw, server_hostname="localhost")
+    rest = ws_upgrade(s, a.host, a.port, a.path, 10) if a.ws else b""
+    wrap = ws_client_frame if a.ws else (lambda p: p)
+    s.sendall(wrap(mqtt_connect(a.client_id or f"pub-{os.getpid()}", keepalive=600)))
+    rd, wr = MqttReader(), WsReader()
+    deadline = time.monotonic() + 10
+    connack = None
+    data = rest
+    while connack is None:
+        pkts = [p for op, p in wr.feed(data) if op in (0x0, 0x2)] if a.ws else [data]
+        for p in pkts:
+            for first, body in rd.feed(p):
+                if first == 0x20:
+                    connack = body
+        if connack is not None:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError("no CONNACK")
+        data = s.recv(4096)
+        if not data:
+            raise ConnectionError("closed before CONNACK")
+    if len(connack) < 2 or connack[1] != 0:
+        emit({"error": f"CONNACK refused: {connack.hex()}"})
+        return 1
+    t_conn = time.monotonic_ns()
+    pkt = mqtt_publish_header(a.topic, a.size) + b"x" * a.size
+    variants = [wrap(pkt) for _ in range(256 if a.ws else 1)]
+    batch = max(1, a.batch)
+    blocks = [b"".join(variants[(i + j) % len(variants)] for j in range(batch)) for i in range(len(variants))]
+    full, tail = divmod(a.messages, batch)
+    sent = 0
+    stop = time.monotonic() + a.max_seconds
+    nb = len(blocks)
+    for i in range(full):
+        s.sendall(blocks[i % nb])
+        if not i & 4095 and time.monotonic() > stop:
+            break
+        sent += batch
+    if sent == full * batch and tail:
+        s.sendall(b"".join(variants[j % len(variants)] for j in range(tail)))
+        sent += tail
+    t_sent = time.monotonic_ns()
+    try:
+        s.sendall(wrap(MQTT_DISCONNECT))
+        if a.ws:
+            s.sendall(ws_client_frame((1000).to_bytes(2, "big"), opcode=0x8))
+        s.settimeout(5)
+        while s.recv(4096):  # the broker closes after DISCONNECT (the server answers the close frame)
+            pass
+    except OSError:
+        pass
+    finally:
+        s.close()
+    emit({"sent": sent, "messages": a.messages, "ws": bool(a.ws), "t_start_ns": t0, "t_connected_ns": t_conn,
+          "t_sent_ns": t_sent, "t_closed_ns": time.monotonic_ns()})
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -756,6 +914,18 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--client-id", default="bench")
     sp.add_argument("--conn-timeout", type=float, default=15)
 
+    sp = sub.add_parser("pub")
+    common(sp, True)
+    sp.add_argument("--messages", type=int, default=200_000)
+    sp.add_argument("--size", type=int, default=64, help="payload bytes")
+    sp.add_argument("--topic", default="bench/pub/data")
+    sp.add_argument("--client-id", default="")
+    sp.add_argument("--batch", type=int, default=1, help="MQTT packets per write (1: one TLS record each)")
+    sp.add_argument("--ws", action="store_true", help="MQTT over WebSocket (RFC 6455, masked binary frames)")
+    sp.add_argument("--path", default="/mqtt", help="WebSocket request path")
+    sp.add_argument("--nodelay", action="store_true",
+                    help="TCP_NODELAY (default off, as mosquitto_pub without --nodelay)")
+
     sp = sub.add_parser("broker")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=0)
@@ -764,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _term)
     return {"sink": cmd_sink, "bulk": cmd_bulk, "idle": cmd_idle, "silent": cmd_silent, "latency": cmd_latency,
-            "connect": cmd_connect, "broker": cmd_broker}[a.cmd](a)
+            "connect": cmd_connect, "broker": cmd_broker, "pub": cmd_pub}[a.cmd](a)
 
 
 if __name__ == "__main__":
