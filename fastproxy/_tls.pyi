@@ -21,5 +21,6 @@ class TLSContext:
         verify_depth: int = ...,
         crl: str | None = ...,
         num_tickets: int = ...,
+        session_tickets: bool = ...,
     ) -> None: ...
     def capsule(self) -> object: ...

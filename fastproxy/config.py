@@ -96,6 +96,7 @@ class ListenerConfig:
     tls_min_version: str = C.TLS_MIN_VERSION
     tls_ciphers: str = C.TLS_CIPHERS
     tls_ciphersuites: str | None = None
+    tls_session_tickets: bool = True     # False: HAProxy's no-tls-tickets (no resumption)
     client_ca: str | None = None
     verify: str = "none"
     verify_depth: int = 1
@@ -104,6 +105,8 @@ class ListenerConfig:
     handshake_timeout: float = C.HANDSHAKE_TIMEOUT_S
     idle_timeout: float = C.IDLE_TIMEOUT_S
     idle_keepalive: bool = False        # idle_timeout = "keepalive": 1.5 x each CONNECT's keepalive
+    client_timeout: float = 0.0         # HAProxy's timeout client: nothing from the client this long; 0: none
+    server_timeout: float = 0.0         # HAProxy's timeout server: nothing from the broker this long; 0: none
     backlog: int = C.LISTEN_BACKLOG
     # MQTT awareness: the CONNECT is read and checked before the upstream is connected.
     mqtt: bool = True
@@ -216,6 +219,9 @@ _LISTENER_KEYS: dict[str, str] = {
     "upstream_connect_timeout": "duration",
     "handshake_timeout": "duration",
     "idle_timeout": "idle",
+    "client_timeout": "duration",
+    "server_timeout": "duration",
+    "tls_session_tickets": "bool",
     "backlog": "posint",
     "mqtt": "bool",
     "connect_timeout": "duration",
@@ -767,7 +773,8 @@ def _build_listener(ctx: _Ctx, raw: Mapping[str, Any], base_dir: str, index: int
     if tls_key and not cert:
         raise ctx.error("tls_cert", "is required when tls_key is set")
     if not cert:
-        for k in ("tls_min_version", "tls_ciphers", "tls_ciphersuites", "client_ca", "verify", "crl"):
+        for k in ("tls_min_version", "tls_ciphers", "tls_ciphersuites", "client_ca", "verify", "crl",
+                  "tls_session_tickets"):
             if k in vals:
                 raise ctx.error(k, "needs TLS on the listener (tls_cert and tls_key)")
     # A client CA without an explicit verify mode means the user wants mutual TLS.

@@ -150,6 +150,9 @@ def check_config(cfg: Config) -> list[str]:
             if mode & 0o004:
                 warnings.append(f"{lc.name}: private key {lc.tls_key} is readable by every user of this host "
                                 f"(mode {mode & 0o777:o}): chmod 600 (or 640 with a group the proxy runs as)")
+    from .checks import deployment_warnings
+
+    warnings += deployment_warnings(cfg)
     if (cfg.user or cfg.group) and os.geteuid() != 0:
         import grp
         import pwd
@@ -480,6 +483,28 @@ class Proxy:
         if self._on_record is not None:
             self._on_record(record)
 
+    def sessions(self, limit: int = 10000, client_id: str | None = None) -> list[dict[str, Any]]:
+        """The live sessions (at most limit; only this ClientId's when given), read on the
+        engine's loop thread: listener, addr, port, state, client_id, cn, upstream, age and idle
+        (seconds), bytes_received / bytes_sent, websocket."""
+        if self.engine is None:
+            return []
+        out = []
+        for li, host, port, state, cid, cn, up, age, idle, received, sent, ws in self.engine.sessions(limit, client_id):
+            if host.startswith("::ffff:") and "." in host:
+                host = host[7:]
+            out.append({"listener": self._listener_names[li], "addr": host, "port": port, "state": state,
+                        "client_id": cid, "cn": cn, "upstream": self._server_name(up), "age": round(age, 3),
+                        "idle": round(idle, 3), "bytes_received": received, "bytes_sent": sent, "websocket": ws})
+        return out
+
+    def disconnect(self, client_id: str | None = None, addr: tuple[str, int] | None = None) -> int:
+        """End the sessions of this ClientId and/or client address (logged `disconnected`);
+        returns how many."""
+        if self.engine is None:
+            return 0
+        return int(self.engine.disconnect(client_id, addr))
+
     def _server_name(self, index: int) -> str | None:
         if index < 0:
             return None
@@ -751,6 +776,15 @@ class _Generations:
         st["reloads"] = self.reloads
         st["retired_sessions"] = sum(p.stats()["active"] for p in self.retired if p.engine is not None)
         return st
+
+    def sessions(self, limit: int = 10000, client_id: str | None = None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for p in [self.current, *self.retired]:
+            out += p.sessions(limit - len(out), client_id) if len(out) < limit else []
+        return out
+
+    def disconnect(self, client_id: str | None = None, addr: tuple[str, int] | None = None) -> int:
+        return sum(p.disconnect(client_id, addr) for p in [self.current, *self.retired])
 
     def request_reload(self) -> None:          # from a signal handler: only flags
         self._reload.set()

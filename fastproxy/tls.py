@@ -33,6 +33,7 @@ def build_context(lc: ListenerConfig, *, source: str = CLI_SOURCE, index: int = 
             verify=lc.verify,
             verify_depth=lc.verify_depth,
             crl=lc.crl,
+            session_tickets=lc.tls_session_tickets,
         )
     except TLSConfigError as e:
         key = key_path(source, n_listeners, index, e.key or "tls_cert")

@@ -42,7 +42,7 @@ ACCESS_RE = re.compile(
 )
 
 STATUS_REASONS = {
-    "200": {"ok", "idle-timeout", "client-reset", "upstream-reset"},
+    "200": {"ok", "idle-timeout", "client-reset", "upstream-reset", "client-timeout"},
     "400": {"tls-handshake-failed", "tls-handshake-timeout", "ws-bad-request", "ws-protocol-error"},
     "403": {"denied", "address-denied", "ws-origin-denied"},
     "404": {"ws-not-found"},
@@ -51,7 +51,7 @@ STATUS_REASONS = {
     "500": {"internal-error"},
     "502": {"upstream-refused", "upstream-unreachable", "upstream-down"},
     "503": {"shutdown", "no-server", "no-source-port"},
-    "504": {"upstream-timeout"},
+    "504": {"upstream-timeout", "policy-timeout", "server-timeout"},
 }
 
 

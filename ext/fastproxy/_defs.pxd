@@ -86,6 +86,9 @@ cdef enum EndReason:
     R_WS_ORIGIN             # Origin outside ws_origins (HTTP 403)
     R_WS_VERSION            # not WebSocket version 13 (HTTP 426)
     R_WS_PROTOCOL           # a frame broke RFC 6455 or ws_max_frame (closed with a status code)
+    R_CLIENT_TIMEOUT        # client_timeout: the client sent nothing for that long
+    R_SERVER_TIMEOUT        # server_timeout: the broker sent nothing for that long
+    R_DISCONNECTED          # an operator disconnected the session (admin endpoint, top, the API)
     R_COUNT
 
 # Conditions worth a warning, reported to Python (Core.notice) at most once per NOTICE_MS per

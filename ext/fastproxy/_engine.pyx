@@ -45,6 +45,7 @@ import ipaddress as _ipaddress
 import logging as _logging
 import os as _os
 import socket as _socket
+import threading as _threading
 
 cdef extern from "malloc.h" nogil:
     int malloc_trim(size_t pad)
@@ -81,6 +82,9 @@ REASONS = (
     ("ws-origin-denied", 403),
     ("ws-upgrade-required", 426),
     ("ws-protocol-error", 400),
+    ("client-timeout", 200),
+    ("server-timeout", 504),
+    ("disconnected", 200),
 )
 assert len(REASONS) == R_COUNT
 # Notice kinds, in enum order (on_notice's first argument).
@@ -125,6 +129,17 @@ cdef void _forget_cb(Core* e, Conn* c) noexcept nogil:
     with gil:
         (<Engine>e.owner)._pending.pop(c.policy_token, None)
         c.policy_token = 0
+
+
+_STATES = {ST_NEW: "new", ST_HANDSHAKE: "tls-handshake", ST_CONNECTING: "connecting", ST_RELAY: "relay",
+           ST_MQTT_CONNECT: "connect", ST_PROXY_HEADER: "proxy-header", ST_POLICY: "policy",
+           ST_WS_UPGRADE: "ws-upgrade"}
+
+
+cdef bint _id_matches(Conn* c, bytes want):
+    if want is None:
+        return True
+    return c.client_id != NULL and c.client_id[:c.client_id_len] == want
 
 
 cdef object _peer_host(Conn* c):
@@ -205,6 +220,7 @@ cdef class Engine:
     cdef object pending_exc
     cdef dict _pending                # policy token -> Conn* (as an int) awaiting an answer
     cdef object _answers              # deque of (token, answer), appended by any thread
+    cdef object _calls                # deque of (function, result holder) run on the loop thread
     cdef list _keep                   # Python objects whose C pointers we hold (TLS contexts)
     cdef double policy_timeout
 
@@ -219,6 +235,7 @@ cdef class Engine:
         self._keep = []
         self._pending = {}
         self._answers = _collections.deque()
+        self._calls = _collections.deque()
         self.core.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.core.epfd < 0:
             raise OSError(fp_errno(), "epoll_create1: " + _os.strerror(fp_errno()))
@@ -411,6 +428,8 @@ cdef class Engine:
         l.handshake_timeout_ms = _ms(lc.handshake_timeout)
         l.connect_timeout_ms = _ms(lc.upstream_connect_timeout)
         l.idle_timeout_ms = _ms(lc.idle_timeout)
+        l.client_timeout_ms = _ms(lc.client_timeout)
+        l.server_timeout_ms = _ms(lc.server_timeout)
         l.mqtt_connect_timeout_ms = _ms(lc.connect_timeout)
         l.policy_timeout_ms = _ms(self.policy_timeout)
         l.policy = gate
@@ -504,6 +523,64 @@ cdef class Engine:
         free(l.ws_paths)
         free(l.ws_origins)
         l.ws_paths = l.ws_origins = NULL
+
+    def _on_loop(self, fn, double timeout):
+        """Run fn() on the loop thread (between two epoll batches, with the GIL) and return its
+        result; directly when the loop is not running. Raises TimeoutError after timeout."""
+        cdef char c = 4
+        if not self.running:
+            return fn()
+        holder = {"done": _threading.Event()}
+        self._calls.append((fn, holder))
+        fp_store(&self.answers_ready, 1)
+        write(self.core.wake_w, &c, 1)
+        if not holder["done"].wait(timeout):
+            raise TimeoutError("the engine did not answer in time")
+        if "error" in holder:
+            raise holder["error"]
+        return holder["result"]
+
+    def sessions(self, int limit=10000, client_id=None, double timeout=2.0):
+        """The live sessions, at most limit (ClientId equal to client_id when given): tuples
+        (listener, addr, port, state, client_id, cn, upstream, age_s, idle_s, bytes_in,
+        bytes_out, websocket). Safe from any thread (read on the loop thread)."""
+        cdef bytes want = client_id.encode() if isinstance(client_id, str) else client_id
+        return self._on_loop(lambda: self._sessions(limit, want), timeout)
+
+    cdef list _sessions(self, int limit, bytes want):
+        cdef Conn* c = self.core.conns
+        cdef double now = fp_mono_time()
+        cdef int64_t now_ms = fp_now_ms()
+        out = []
+        while c != NULL and len(out) < limit:
+            if c.state != ST_CLOSED and c.state != ST_LINGER and _id_matches(c, want):
+                out.append((c.listener, _peer_host(c), _peer_port(c), _STATES.get(c.state, "?"),
+                            c.client_id[:c.client_id_len].decode("utf-8", "replace") if c.client_id != NULL else None,
+                            peer_cn(c), c.upstream, now - c.t_mono, (now_ms - c.active_ms) / 1000.0,
+                            c.bytes_in, c.bytes_out, c.ws != NULL))
+            c = c.next
+        return out
+
+    def disconnect(self, client_id=None, addr=None, double timeout=2.0):
+        """End the sessions with this ClientId (str or bytes) and/or this (host, port) client
+        address, logged as `disconnected`; returns how many. Safe from any thread."""
+        if client_id is None and addr is None:
+            raise ValueError("disconnect needs a ClientId or an address")
+        cdef bytes want = client_id.encode() if isinstance(client_id, str) else client_id
+        return self._on_loop(lambda: self._disconnect(want, addr), timeout)
+
+    cdef int _disconnect(self, bytes want, addr):
+        cdef Conn* c = self.core.conns
+        cdef Conn* nxt
+        cdef int n = 0
+        while c != NULL:
+            nxt = c.next
+            if (c.state != ST_CLOSED and c.state != ST_LINGER and (want is None or _id_matches(c, want))
+                    and (addr is None or (_peer_host(c), _peer_port(c)) == tuple(addr))):
+                conn_end(&self.core, c, R_DISCONNECTED, 0)
+                n += 1
+            c = nxt
+        return n
 
     def stats(self):
         """Counters of this engine (a snapshot; safe to call from another thread)."""
@@ -696,6 +773,13 @@ cdef class Engine:
         cdef Py_ssize_t new_len
         cdef bytes nb
         cdef int action, rc5, upstream
+        while self._calls:
+            fn, holder = self._calls.popleft()
+            try:
+                holder["result"] = fn()
+            except BaseException as exc:
+                holder["error"] = exc
+            holder["done"].set()
         while self._answers:
             token, answer = self._answers.popleft()
             ptr = self._pending.pop(token, None)
@@ -792,14 +876,20 @@ cdef void _sweep(Core* e) noexcept nogil:
     cdef Conn* c = e.conns
     cdef Conn* nxt
     cdef int64_t idle
+    cdef Listener* l
     cdef int freed = 0
     while c != NULL:
         nxt = c.next
         if c.state == ST_RELAY:
             idle = c.idle_ms
+            l = &e.listeners[c.listener]
             if idle > 0 and e.now - c.active_ms >= idle:
                 # A session already half-closed ended normally; its peer just never closed.
                 conn_end(e, c, R_OK if (c.cl.shut_wr or c.up.shut_wr) else R_IDLE_TIMEOUT, 0)
+            elif l.client_timeout_ms and e.now - c.cl_active_ms >= l.client_timeout_ms:
+                conn_end(e, c, R_CLIENT_TIMEOUT, 0)
+            elif l.server_timeout_ms and e.now - c.up_active_ms >= l.server_timeout_ms:
+                conn_end(e, c, R_SERVER_TIMEOUT, 0)
             elif (c.cl.ssl != NULL and not c.tls_bufs_freed
                   and e.now - c.active_ms >= TLS_IDLE_FREE_MS):
                 # Quiet sessions give OpenSSL's ~34 KiB of record buffers back; busy ones

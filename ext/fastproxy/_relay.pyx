@@ -23,6 +23,7 @@ cdef void relay_start(Core* e, Conn* c) noexcept nogil:
     c.state = ST_RELAY
     c.deadline_ms = 0
     c.active_ms = e.now
+    c.cl_active_ms = c.up_active_ms = e.now
     # Optimistic readiness: bytes may already wait in the kernel (or in OpenSSL, read
     # together with the handshake's last record) and no new edge will announce them.
     c.cl.readable = 1
@@ -168,6 +169,9 @@ cdef int _read_in(Core* e, Conn* c, Side* src, Dir* d, bint c2u) noexcept nogil:
             if c2u:
                 c.bytes_in += <uint64_t>n
                 e.ctr.bytes_from_clients += <uint64_t>n
+                c.cl_active_ms = e.now
+            else:
+                c.up_active_ms = e.now
             if not src.readable:
                 break
         elif n == IO_EOF:
@@ -213,6 +217,9 @@ cdef int _splice_in(Core* e, Conn* c, Side* src, Dir* d, bint c2u) noexcept nogi
         if c2u:
             c.bytes_in += <uint64_t>n
             e.ctr.bytes_from_clients += <uint64_t>n
+            c.cl_active_ms = e.now
+        else:
+            c.up_active_ms = e.now
         return 1
     if n == 0:
         src.eof = 1

@@ -170,7 +170,8 @@ cdef class TLSContext:
 
     def __init__(self, str cert not None, str key not None, *, str min_version="TLSv1.2",
                  str ciphers="HIGH:!aNULL:!MD5", ciphersuites=None, client_ca=None,
-                 str verify="none", int verify_depth=1, crl=None, int num_tickets=1):
+                 str verify="none", int verify_depth=1, crl=None, int num_tickets=1,
+                 bint session_tickets=True):
         cdef int encrypted = 0
         cdef bytes b
         ERR_clear_error()
@@ -193,6 +194,11 @@ cdef class TLSContext:
         # One TLS 1.3 ticket is enough for a device to resume; each costs an encryption per
         # handshake (OpenSSL's default is two).
         SSL_CTX_set_num_tickets(ctx, num_tickets)
+        if not session_tickets:
+            # HAProxy's no-tls-tickets: no resumption at all (the session cache is off too),
+            # every device makes a full handshake; TLS 1.3 sends no ticket.
+            SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET)
+            SSL_CTX_set_num_tickets(ctx, 0)
 
         if min_version == "TLSv1.3":
             SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION)

@@ -112,6 +112,8 @@ cdef struct Conn:
     uint64_t bytes_out      # to the client
     int64_t deadline_ms     # end of the current phase (handshake, connect)
     int64_t active_ms       # last relayed byte (idle timeout)
+    int64_t cl_active_ms    # last byte from the client (client_timeout)
+    int64_t up_active_ms    # last byte from the broker (server_timeout)
     double t_wall
     double t_mono
     sockaddr_storage peer
@@ -141,6 +143,8 @@ cdef struct Listener:
     int64_t handshake_timeout_ms
     int64_t connect_timeout_ms      # upstream connect
     int64_t idle_timeout_ms
+    int64_t client_timeout_ms       # HAProxy's timeout client / timeout server; 0: none
+    int64_t server_timeout_ms
     uint8_t mqtt                    # read and check the CONNECT before connecting upstream
     uint8_t idle_keepalive          # idle timeout = 1.5 x the CONNECT's keepalive
     uint8_t policy                  # ask Python (on_connect) about each CONNECT
