@@ -571,3 +571,21 @@ def test_websocket_flags_are_checked(certs):
         line = U.one_error_line(U.run_cli("check", "--listen", "127.0.0.1:18830", "--upstream",
                                           "127.0.0.1:1883", *flags))
         assert problem in line, (flags, line)
+
+
+def test_plain_mqtt_on_a_websocket_listener_is_refused_at_once(mosquitto, start_proxy):
+    """An MQTT client that connects to the WebSocket port by mistake is answered 400 at its
+    first bytes (not held until the handshake timeout) and never reaches the broker."""
+    fp = ws_proxy(start_proxy, mosquitto, "--handshake-timeout", "60")
+    before = U.broker_connections(mosquitto.log())
+    s = socket.create_connection((U.HOST, fp.port), timeout=10)
+    try:
+        s.sendall(encode_connect(4, "wrong-port"))
+        status, _, _ = read_http(s, timeout=5)
+        assert status == 400
+    finally:
+        s.close()
+    (e,) = fp.wait_access(n=1)
+    assert (e.status, e.reason) == (400, "ws-bad-request"), e.raw
+    assert e.session_time < 30, e.raw
+    assert U.broker_connections(mosquitto.log()) == before

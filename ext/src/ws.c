@@ -111,6 +111,12 @@ int ws_parse_request(const char *buf, size_t len, ws_request *out)
 
     memset(out, 0, sizeof(*out));
     out->version = -1;
+    /* Not HTTP at all (an MQTT client on the WebSocket port, TLS to a ws listener): refused at
+     * its first bytes, not after the handshake timeout. A method is a short token. */
+    for (i = 0; i < lim && buf[i] != ' '; i++) {
+        if (!is_tchar((unsigned char)buf[i]) || i >= 16)
+            return WS_E_MALFORMED;
+    }
     for (i = 3; i < lim; i++) {
         if (buf[i] == '\n' && buf[i - 1] == '\r' && buf[i - 2] == '\n' && buf[i - 3] == '\r') {
             end = i + 1;
@@ -262,6 +268,26 @@ const char *ws_error_text(int err)
 
 /* ---- frames -------------------------------------------------------------------------------- */
 
+/* out[0..n) = in[0..n) XOR the mask, starting at mask byte pos: 8 bytes a step (the per-byte
+ * loop is what a busy wss session spends its time on; compilers do not vectorise it). */
+static void unmask(uint8_t *out, const uint8_t *in, size_t n, const uint8_t mask[4], unsigned pos)
+{
+    uint8_t m8[8];
+    uint64_t m, w;
+    size_t k = 0;
+    unsigned j;
+    for (j = 0; j < 8; j++)
+        m8[j] = mask[(pos + j) & 3];
+    memcpy(&m, m8, 8);
+    for (; k + 8 <= n; k += 8) {   /* 8 is a multiple of 4: the mask phase repeats */
+        memcpy(&w, in + k, 8);
+        w ^= m;
+        memcpy(out + k, &w, 8);
+    }
+    for (; k < n; k++)
+        out[k] = in[k] ^ mask[(pos + k) & 3];
+}
+
 static int fail(ws_decoder *d, uint16_t code, const char *why)
 {
     d->close_code = code;
@@ -374,13 +400,12 @@ int ws_decode(ws_decoder *d, const uint8_t *in, size_t in_len, size_t *consumed,
             return WS_D_CONTROL;
         }
         {
-            size_t n = in_len - i, room = out_cap - o, k;
+            size_t n = in_len - i, room = out_cap - o;
             if (n > d->left)
                 n = (size_t)d->left;
             if (n > room)
                 n = room;
-            for (k = 0; k < n; k++)
-                out[o + k] = in[i + k] ^ d->mask[(d->mask_pos + k) & 3];
+            unmask(out + o, in + i, n, d->mask, d->mask_pos);
             d->mask_pos = (uint8_t)((d->mask_pos + n) & 3);
             i += n;
             o += n;
