@@ -25,39 +25,38 @@ cdef ssize_t ws_read(Core* e, Conn* c, char* out, size_t n) noexcept nogil:
     client closed: TCP, or a close frame), IO_ERR (the socket failed, or a protocol error:
     c.ws.failed, the close frame is sent)."""
     cdef WsState* w = c.ws
-    cdef size_t produced = 0, consumed, p
     cdef ssize_t r
+    cdef size_t used
+    if w.raw_off < w.raw_len:
+        r = _drain_held(e, c, w, out, n)
+        if r != 0:
+            return r
+    while not w.close_recv:
+        # Straight into the destination, decoded in place: a frame's payload is never longer
+        # than the bytes that carried it, so the output never overtakes the input.
+        r = side_read(&c.cl, out, n)
+        if r <= 0:
+            return r
+        if w.passthrough and _hold(w, out, <size_t>r) < 0:
+            return _too_much(c, w)
+        r = _decode(c, w, <uint8_t*>out, <size_t>r, <uint8_t*>out, n, &used)
+        if r != 0:
+            return r
+        # only frame headers or control frames came: read on (edge-triggered readiness)
+    return IO_EOF
+
+
+cdef ssize_t _decode(Conn* c, WsState* w, const uint8_t* inp, size_t len, uint8_t* out,
+                     size_t cap, size_t* used) noexcept nogil:
+    """Decode inp[0..len) into out (which may be inp itself); *used: input bytes taken.
+    Returns the message bytes, or IO_ERR after a protocol error (answered with its close
+    frame)."""
+    cdef size_t at = 0, produced = 0, consumed, p
     cdef int st
-    while produced < n:
-        if w.close_recv:
-            break
-        if w.raw_off == w.raw_len:
-            if w.raw == NULL:
-                w.raw = pool_get(&e.pool)
-                if w.raw == NULL:
-                    return produced if produced else IO_ERR
-            w.raw_off = w.raw_len = 0
-            r = side_read(&c.cl, w.raw, RELAY_BUF)
-            if r <= 0:
-                pool_put(&e.pool, w.raw)
-                w.raw = NULL
-                if produced:
-                    return <ssize_t>produced
-                return r
-            w.raw_len = <uint32_t>r
-        st = ws_decode(&w.dec, <const uint8_t*>w.raw + w.raw_off, w.raw_len - w.raw_off, &consumed,
-                       <uint8_t*>out + produced, n - produced, &p)
-        if w.passthrough and consumed and _hold(w, w.raw + w.raw_off, consumed) < 0:
-            w.failed = 1
-            c.detail_static = b"the frames before the CONNECT exceed what passthrough holds"
-            ws_send_close(c, 1009, c.detail_static)
-            return IO_ERR
-        w.raw_off += <uint32_t>consumed
+    while at < len and not w.close_recv:
+        st = ws_decode(&w.dec, inp + at, len - at, &consumed, out + produced, cap - produced, &p)
+        at += consumed
         produced += p
-        if w.raw_off == w.raw_len and w.raw != NULL:
-            pool_put(&e.pool, w.raw)
-            w.raw = NULL
-            w.raw_off = w.raw_len = 0
         if st == WS_D_ERROR:
             w.failed = 1
             c.detail_static = w.dec.error
@@ -65,9 +64,32 @@ cdef ssize_t ws_read(Core* e, Conn* c, char* out, size_t n) noexcept nogil:
             return IO_ERR
         if st == WS_D_CONTROL:
             _control(c, w)
-    if produced:
-        return <ssize_t>produced
-    return IO_EOF if w.close_recv else IO_AGAIN
+        elif consumed == 0:
+            break       # out is full (only when out is not inp)
+    used[0] = at
+    return <ssize_t>produced
+
+
+cdef ssize_t _drain_held(Core* e, Conn* c, WsState* w, char* out, size_t n) noexcept nogil:
+    """Decode the bytes that came with the upgrade request (w.raw) into out."""
+    cdef size_t used = 0
+    cdef ssize_t r
+    r = _decode(c, w, <const uint8_t*>w.raw + w.raw_off, w.raw_len - w.raw_off, <uint8_t*>out, n, &used)
+    if w.passthrough and used and _hold(w, w.raw + w.raw_off, used) < 0:
+        return _too_much(c, w)
+    w.raw_off += <uint32_t>used
+    if w.raw_off >= w.raw_len:
+        pool_put(&e.pool, w.raw)
+        w.raw = NULL
+        w.raw_off = w.raw_len = 0
+    return r
+
+
+cdef ssize_t _too_much(Conn* c, WsState* w) noexcept nogil:
+    w.failed = 1
+    c.detail_static = b"the frames before the CONNECT exceed what passthrough holds"
+    ws_send_close(c, 1009, c.detail_static)
+    return IO_ERR
 
 
 cdef int _hold(WsState* w, const char* p, size_t n) noexcept nogil:
