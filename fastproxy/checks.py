@@ -220,14 +220,22 @@ def _chain_warnings(lc: ListenerConfig, path: str, certs: list[dict[str, Any]], 
     if roots.is_root(issuer, lc.client_ca):
         return []
     directory = os.path.dirname(os.path.abspath(path))
+    holder = None
     for sib, infos in _siblings(directory, path):
-        for c in infos:
-            if c["subject"] == issuer:
-                if _self_signed(c):
-                    return []       # issued directly by a root CA kept next to it (dev-certs' ca.crt)
-                return [f"{lc.name}: certificate file {path} holds no intermediate: its issuer '{issuer}' is "
-                        f"in {sib} but not in the file, so clients that lack it fail the handshake; use a file "
-                        f"with the certificate followed by {os.path.basename(sib)} (like fullchain.pem)"]
+        if not any(c["subject"] == issuer for c in infos):
+            continue
+        if infos[0]["fingerprint_sha256"] == leaf["fingerprint_sha256"]:
+            return [f"{lc.name}: certificate file {path} holds no intermediate: its issuer '{issuer}' is not in "
+                    f"the file, so clients that lack it fail the handshake; {sib} next to it holds the "
+                    f"certificate with its chain: use that"]
+        issuing = next(c for c in infos if c["subject"] == issuer)
+        if _self_signed(issuing):
+            return []           # issued directly by a root CA kept next to it (dev-certs' ca.crt)
+        holder = holder or sib
+    if holder:
+        return [f"{lc.name}: certificate file {path} holds no intermediate: its issuer '{issuer}' is in "
+                f"{holder} but not in the file, so clients that lack it fail the handshake; use a file with "
+                f"the certificate followed by {os.path.basename(holder)} (like fullchain.pem)"]
     return [f"{lc.name}: certificate file {path} holds no intermediate: its issuer '{issuer}' is not in the "
             f"file nor a trusted root, so clients that lack it fail the handshake; append the intermediate "
             f"(like fullchain.pem), or keep your own root CA next to the file if clients trust it directly"]

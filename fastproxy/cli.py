@@ -188,6 +188,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--admin", metavar="ADDR", help="the proxy's admin address (default 127.0.0.1:8404, or the file's)")
     status.add_argument("-c", "--config", metavar="FILE", help="read the admin address from this configuration file")
     status.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0, help="give up after this long (default 5)")
+    from .top import add_arguments as _top_arguments
+
+    _top_arguments(sub.add_parser("top", help="a live, refreshing table of the sessions of a running proxy "
+                                               "(from its --admin endpoint); d disconnects one"))
     return p
 
 
@@ -255,7 +259,11 @@ def _cmd_reload(ns: argparse.Namespace) -> int:
         raise ConfigError("give --pid-file FILE (or -c CONFIG with pid_file)", source="command line", key="reload")
     try:
         with open(path) as f:
-            pid = int(f.read().strip())
+            text = f.read().strip()
+        if not text:
+            print(f"fastproxy: reload: {path} is empty: the proxy is not running", file=sys.stderr)
+            return 1
+        pid = int(text)
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError) as e:
         print(f"fastproxy: reload: {path}: {e}", file=sys.stderr)
@@ -360,6 +368,10 @@ def _run(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
         return _cmd_version()
     if ns.command == "status":
         return _cmd_status(ns)
+    if ns.command == "top":
+        from .top import run as _cmd_top
+
+        return _cmd_top(ns)
     try:
         if ns.command == "reload":
             return _cmd_reload(ns)

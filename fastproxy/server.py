@@ -848,12 +848,13 @@ def _run_single(cfg: Config, *, reuseport: bool, announce: str | None = None,
     drop_privileges(cfg)        # ports bound and TLS keys read: nothing further needs root
     admin = None
     if link is not None:
-        link.serve(gens.status)         # a worker: the master asks over the link
+        link.serve(gens.status, sessions=gens.sessions, disconnect=gens.disconnect)  # a worker: the master asks
     elif cfg.admin is not None:
         from .admin import AdminServer
 
         admin = AdminServer(cfg.admin.host, cfg.admin.port, gens.status,
-                            reload=lambda: os.kill(os.getpid(), signal.SIGHUP)).start()
+                            reload=lambda: os.kill(os.getpid(), signal.SIGHUP),
+                            sessions=gens.sessions, disconnect=gens.disconnect).start()
     if announce:
         server_log.info("%s", announce)
     _install_stop_handlers(gens.stop, cfg.drain_timeout, master=master)
@@ -926,7 +927,7 @@ def serve(cfg: Config, loader: Callable[[], Config] | None = None) -> int:
         server_log.warning("max_connections %d is more than the descriptor limit %d allows (about %d sessions): "
                            "accepting will fail before it is reached", cfg.max_connections, limit,
                            max(16, (limit - 64) // 2))
-    pid_file = _PidFile(cfg.pid_file)
+    pid_file = _PidFile(cfg.pid_file, cfg.user)
     try:
         if cfg.workers <= 1:
             return _run_single(cfg, reuseport=False, announce=f"listening on {_describe(cfg)} (fd limit {limit})",
@@ -939,11 +940,17 @@ def serve(cfg: Config, loader: Callable[[], Config] | None = None) -> int:
 class _PidFile:
     """--pid-file: this (master) process's pid, for `fastproxy reload` and init scripts."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, user: str | None = None) -> None:
         self.path = path
         if path:
             with open(path, "w") as f:
                 f.write(f"{os.getpid()}\n")
+            if user and os.geteuid() == 0:
+                # after the privilege drop the process may not unlink it (/run is root's), but
+                # can empty it: a stale pid must not be signalled by `fastproxy reload`
+                import pwd
+
+                os.chown(path, pwd.getpwnam(user).pw_uid, -1)
 
     def remove(self) -> None:
         if self.path:
@@ -951,7 +958,10 @@ class _PidFile:
                 with open(self.path) as f:
                     mine = f.read().strip() == str(os.getpid())
                 if mine:
-                    os.unlink(self.path)
+                    try:
+                        os.unlink(self.path)
+                    except PermissionError:
+                        open(self.path, "w").close()
             except OSError:
                 pass
 
@@ -1155,10 +1165,12 @@ class _Master:
             h.close()
         admin = None
         if self.cfg.admin is not None:
-            from .admin import AdminServer
+            from .admin import AdminServer, disconnect_in_workers, sessions_from_workers
 
             admin = AdminServer(self.cfg.admin.host, self.cfg.admin.port, self.status,
-                                reload=lambda: os.kill(os.getpid(), signal.SIGHUP)).start()
+                                reload=lambda: os.kill(os.getpid(), signal.SIGHUP),
+                                sessions=lambda limit, cid: sessions_from_workers(self.links, limit, cid),
+                                disconnect=lambda cid, addr: disconnect_in_workers(self.links, cid, addr)).start()
         server_log.info("listening on %s with %d workers", _describe(self.cfg), self.cfg.workers)
         status = 0
         while self.children:

@@ -233,7 +233,10 @@ cdef class TLSContext:
                 f"(decrypt it with: openssl pkey -in {key} -out {key}.plain, and protect the file's permissions)",
                 key="tls_key")
         if rc != 1:
-            raise TLSConfigError(f"cannot load private key from {key}: {_last_error()}", key="tls_key")
+            why = _last_error()
+            if "key values mismatch" in why:    # OpenSSL 3 checks the pair while loading the key
+                raise TLSConfigError(f"private key {key} does not match certificate {cert}", key="tls_key")
+            raise TLSConfigError(f"cannot load private key from {key}: {why}", key="tls_key")
         if SSL_CTX_check_private_key(ctx) != 1:
             raise TLSConfigError(f"private key {key} does not match certificate {cert}: {_last_error()}",
                                  key="tls_key")
