@@ -67,7 +67,9 @@ def move_ports(path: Path, ports: dict[int, int]) -> dict[int, int]:
     def new(old: str) -> str:
         o = int(old)
         if o not in ports:
-            ports[o] = U.free_port()
+            # free on every address: the examples listen on 0.0.0.0, which conflicts with any
+            # socket using the port (a 127.0.0.1 free port may be another one's local port)
+            ports[o] = U.free_port("0.0.0.0")
         return str(ports[o])
 
     text = _ADDR.sub(lambda m: f'{m["host"]}:{new(m["port"])}"', text)
