@@ -314,21 +314,30 @@ def _cmd_check(cfg: Config) -> int:
 DEFAULT_ADMIN = "127.0.0.1:8404"
 
 
-def _cmd_status(ns: argparse.Namespace) -> int:
-    from .admin import status_command
-
-    address = ns.admin
-    if address is None and ns.config:
+def admin_address(ns: argparse.Namespace, command: str) -> tuple[str | None, int]:
+    """The admin address a client command talks to: --admin, else -c CONFIG's, else the
+    default. (None, exit status) after printing why when the configuration gives none."""
+    address = getattr(ns, "admin", None)
+    if address is None and getattr(ns, "config", None):
         try:
             cfg = load_config(ns.config)
         except ConfigError as e:
             print(f"fastproxy: configuration error: {e}", file=sys.stderr)
-            return 2
+            return None, 2
         if cfg.admin is None:
-            print(f"fastproxy status: {ns.config} sets no admin address", file=sys.stderr)
-            return 2
+            print(f"fastproxy {command}: {ns.config} sets no admin address", file=sys.stderr)
+            return None, 2
         address = str(cfg.admin)
-    return status_command(address or DEFAULT_ADMIN, timeout=ns.timeout)
+    return address or DEFAULT_ADMIN, 0
+
+
+def _cmd_status(ns: argparse.Namespace) -> int:
+    from .admin import status_command
+
+    address, code = admin_address(ns, "status")
+    if address is None:
+        return code
+    return status_command(address, timeout=ns.timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -549,26 +549,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     """`fastproxy top` from cli.py's parsed arguments."""
-    from .cli import DEFAULT_ADMIN
-    from .config import load_config
-    from .errors import ConfigError
+    from .cli import admin_address
 
-    address = ns.admin
-    if address is None and ns.config:
-        try:
-            cfg = load_config(ns.config)
-        except ConfigError as e:
-            print(f"fastproxy: configuration error: {e}", file=sys.stderr)
-            return 2
-        if cfg.admin is None:
-            print(f"fastproxy top: {ns.config} sets no admin address", file=sys.stderr)
-            return 2
-        address = str(cfg.admin)
+    address, code = admin_address(ns, "top")
+    if address is None:
+        return code
     if not ns.interval > 0 or not ns.timeout > 0:
         print("fastproxy top: --interval and --timeout must be more than 0", file=sys.stderr)
         return 2
     if not 0 <= ns.limit <= SESSIONS_MAX:
         print(f"fastproxy top: --limit must be 0 to {SESSIONS_MAX}", file=sys.stderr)
         return 2
-    return top_command(address or DEFAULT_ADMIN, interval=ns.interval, once=ns.once, limit=ns.limit,
+    return top_command(address, interval=ns.interval, once=ns.once, limit=ns.limit,
                        sort=ns.sort, reverse=ns.reverse, filter=ns.filter, timeout=ns.timeout)
