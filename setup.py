@@ -4,6 +4,10 @@ Build switches (environment variables):
   FASTPROXY_DEBUG=1     -O0 -g, Cython boundscheck/assertions on, FASTPROXY_DEBUG macro (live counters)
   FASTPROXY_SANITIZE=1  AddressSanitizer + UndefinedBehaviorSanitizer (run with LD_PRELOAD=$(gcc -print-file-name=libasan.so))
   FASTPROXY_ANNOTATE=1  write Cython HTML annotation next to the sources
+  FASTPROXY_TLS=awslc   AWS-LC instead of the system OpenSSL: its static archives become one private
+                        fastproxy/libfastproxy-awslc.so (symbols versioned FASTPROXY_AWSLC_5.5.0);
+                        FASTPROXY_AWSLC=PREFIX is its install (default: where scripts/build-awslc puts it,
+                        ${FASTPROXY_CACHE:-~/.cache/fastproxy}/aws-lc-5.5.0/prefix)
 """
 import glob
 import os
@@ -20,10 +24,42 @@ except ImportError:  # pragma: no cover - pyproject lists Cython as a build requ
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("FASTPROXY_DEBUG") == "1"
 SANITIZE = os.environ.get("FASTPROXY_SANITIZE") == "1"
+TLS = os.environ.get("FASTPROXY_TLS", "openssl")
+if TLS not in ("openssl", "awslc"):
+    sys.exit(f"fastproxy: FASTPROXY_TLS={TLS!r}: expected openssl (the default) or awslc")
+AWSLC = os.environ.get("FASTPROXY_AWSLC") or os.path.join(
+    os.environ.get("FASTPROXY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastproxy"),
+    "aws-lc-5.5.0", "prefix")
+
+
+def _awslc_libdir() -> str | None:
+    for d in ("lib", "lib64"):
+        lib = os.path.join(AWSLC, d)
+        if all(os.path.exists(os.path.join(lib, a)) for a in ("libssl.a", "libcrypto.a")):
+            return lib
+    return None
+
+
+def _check_awslc() -> None:
+    base = os.path.join(AWSLC, "include", "openssl", "base.h")
+    try:
+        with open(base) as f:
+            is_awslc = "OPENSSL_IS_AWSLC" in f.read()
+    except OSError:
+        is_awslc = False
+    if not is_awslc or _awslc_libdir() is None:
+        sys.exit(
+            f"fastproxy: FASTPROXY_TLS=awslc but no AWS-LC install at {AWSLC}\n"
+            "  (include/openssl/base.h defining OPENSSL_IS_AWSLC, lib/libssl.a, lib/libcrypto.a).\n"
+            "  Build it with scripts/build-awslc, or point FASTPROXY_AWSLC at an install prefix."
+        )
 
 
 def _check_openssl_headers() -> None:
     """Fail early with a sentence rather than a wall of compiler errors."""
+    if TLS == "awslc":
+        _check_awslc()
+        return
     for inc in ("/usr/include", "/usr/local/include", os.environ.get("OPENSSL_INCLUDE", "")):
         if inc and os.path.exists(os.path.join(inc, "openssl", "ssl.h")):
             return
@@ -52,12 +88,30 @@ include_dirs = [os.path.join("ext", "includes"), os.path.join("ext", "src")]
 if os.environ.get("OPENSSL_INCLUDE"):
     include_dirs.append(os.environ["OPENSSL_INCLUDE"])
 library_dirs = [os.environ["OPENSSL_LIB"]] if os.environ.get("OPENSSL_LIB") else []
+# The TLS modules' libraries: the system's shared libssl/libcrypto, or AWS-LC.
+# AWS-LC must exist ONCE in the process: linked statically into each module, every module has its
+# own copy, and objects made by one copy (an SSL_CTX in _tls, its cipher list) are used by another
+# (the engine's SSL_do_handshake), which compares them by address: TLS 1.2 finds "no shared
+# cipher". So its static archives (ssl before crypto, whole) are linked into one private shared
+# object beside the modules, AWSLC_SHLIB, with every symbol under the version FASTPROXY_AWSLC
+# (AWS-LC uses OpenSSL's names; Python's _ssl binds OPENSSL_3.0.0-versioned ones, never these), and
+# the TLS modules load it through an rpath of $ORIGIN.
+AWSLC_SHLIB = "libfastproxy-awslc.so"
+AWSLC_VERSION_SCRIPT = "ext/src/awslc.map"
+ssl_libraries = ["ssl", "crypto"]
+ssl_depends: list[str] = []
+if TLS == "awslc":
+    include_dirs.insert(0, os.path.join(AWSLC, "include"))
+    _lib = _awslc_libdir() or os.path.join(AWSLC, "lib")
+    ssl_libraries = []
+    ssl_depends = [os.path.join(_lib, "libssl.a"), os.path.join(_lib, "libcrypto.a")]
 
 # The plain C parsers (MQTT CONNECT, PROXY v1/v2, WebSocket) are compiled once into a static library and
 # linked into each module that calls them: the engine's stages without a Python hop, the
 # wrappers (_mqtt, _proxyproto) for tests and fuzzers.
 PARSERS = ["ext/src/mqtt_connect.c", "ext/src/proxy_v2.c", "ext/src/ws.c"]
 WITH_PARSERS: set[str] = set()
+WITH_SSL: set[str] = set()
 
 
 class build_ext(_build_ext):
@@ -69,7 +123,31 @@ class build_ext(_build_ext):
         for e in self.extensions:
             if e.name in WITH_PARSERS:
                 e.extra_objects = list(objects)
+        if TLS == "awslc":
+            self._link_awslc()
         super().build_extensions()
+
+    def copy_extensions_to_source(self) -> None:
+        """--inplace: the modules, and AWS-LC's shared object they load from their directory."""
+        super().copy_extensions_to_source()
+        if TLS == "awslc":
+            import shutil
+
+            src = os.path.join(self.build_lib, "fastproxy", AWSLC_SHLIB)
+            shutil.copy2(src, os.path.join("fastproxy", AWSLC_SHLIB))
+
+    def _link_awslc(self) -> None:
+        """AWS-LC's archives as one shared object next to the modules (see AWSLC_SHLIB)."""
+        out_dir = os.path.dirname(self.get_ext_fullpath("fastproxy._tls"))
+        os.makedirs(out_dir, exist_ok=True)
+        self.compiler.link_shared_object(
+            [], os.path.join(out_dir, AWSLC_SHLIB),
+            extra_postargs=["-Wl,--whole-archive", *ssl_depends, "-Wl,--no-whole-archive",
+                            f"-Wl,--version-script={AWSLC_VERSION_SCRIPT}", "-Wl,-Bsymbolic",
+                            f"-Wl,-soname,{AWSLC_SHLIB}", "-lpthread"] + ldflags)
+        for e in self.extensions:
+            if e.name in WITH_SSL:
+                e.extra_link_args = [f"-L{out_dir}", f"-l:{AWSLC_SHLIB}", "-Wl,-rpath,$ORIGIN"] + e.extra_link_args
 
 
 def ext(name: str, *, ssl: bool = False, parsers: bool = False) -> Extension:
@@ -79,13 +157,16 @@ def ext(name: str, *, ssl: bool = False, parsers: bool = False) -> Extension:
         [f"ext/fastproxy/{name}.pyx"],
         include_dirs=include_dirs,
         library_dirs=library_dirs,
-        libraries=(["ssl", "crypto"] if ssl else []) + ["m"],
+        libraries=(ssl_libraries if ssl else []) + ["m"],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
         define_macros=macros,
         # a change in a C file rebuilds (relinks) the modules that include or link it
-        depends=sorted(glob.glob("ext/src/*.h") + glob.glob("ext/includes/*.h") + (PARSERS if parsers else [])),
+        depends=sorted(glob.glob("ext/src/*.h") + glob.glob("ext/includes/*.h") + (PARSERS if parsers else [])
+                       + (ssl_depends if ssl else [])),
     )
+    if ssl:
+        WITH_SSL.add(e.name)
     if parsers:
         WITH_PARSERS.add(e.name)
     return e

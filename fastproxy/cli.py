@@ -195,14 +195,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _loaded_libssl() -> str | None:
-    """Path of the libssl mapped into this process (after the compiled modules loaded), if any."""
+def _loaded_libssl(name: str = "/libssl") -> str | None:
+    """Path of the libssl (or `name`) mapped into this process (after the compiled modules loaded), if any."""
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 parts = line.split(None, 5)
                 path = parts[5].strip() if len(parts) == 6 else ""
-                if "/libssl" in path and ".so" in path:
+                if name in path and ".so" in path:
                     return path
     except OSError:
         pass
@@ -275,7 +275,7 @@ def _cmd_reload(ns: argparse.Namespace) -> int:
 def _cmd_version() -> int:
     import platform
 
-    from .tls import openssl_version
+    from .tls import openssl_version, tls_library
 
     try:
         from . import _engine  # noqa: F401
@@ -285,19 +285,26 @@ def _cmd_version() -> int:
         engine = f"compiled engine NOT loaded: {e}"
     try:
         ssl_version = openssl_version()  # what the extension's libssl reports at run time
+        ssl_name, static_version, static = tls_library()
     except ImportError as e:  # pragma: no cover - only on a broken install
-        ssl_version = f"unknown (fastproxy._tls not loaded: {e})"
-    lib = _loaded_libssl()
-    if lib is None:
-        origin = "libssl not found in the process map"
-    elif os.path.basename(os.path.dirname(lib)).startswith("fastproxy") and os.path.dirname(lib).endswith(".libs"):
-        origin = f"vendored in the wheel: {lib}"
+        ssl_version, static = f"unknown (fastproxy._tls not loaded: {e})", False
+    if static:
+        # AWS-LC, built into the wheel's own shared object (setup.py, FASTPROXY_TLS=awslc).
+        lib = _loaded_libssl("/libfastproxy-awslc")
+        tls_line = f"{ssl_name} {static_version} (built in: {lib or 'libfastproxy-awslc.so not in the process map'})"
     else:
-        origin = f"system library: {lib}"
+        lib = _loaded_libssl()
+        if lib is None:
+            origin = "libssl not found in the process map"
+        elif os.path.basename(os.path.dirname(lib)).startswith("fastproxy") and os.path.dirname(lib).endswith(".libs"):
+            origin = f"vendored in the wheel: {lib}"
+        else:
+            origin = f"system library: {lib}"
+        tls_line = f"OpenSSL {ssl_version} ({origin})"
     print(f"fastproxy {__version__}")
     print(f"Python {platform.python_version()} ({platform.python_implementation()}, {platform.machine()})")
     print(f"Platform tag: {_platform_tag()}")
-    print(f"OpenSSL {ssl_version} ({origin})")
+    print(tls_line)
     print(engine)
     return 0
 

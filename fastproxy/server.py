@@ -1174,11 +1174,17 @@ class _Master:
         server_log.info("listening on %s with %d workers", _describe(self.cfg), self.cfg.workers)
         status = 0
         while self.children:
+            # Polled, not a blocking waitpid: a signal the kernel hands to another thread of
+            # the master (reload, admin, watcher) runs its Python handler only when this, the
+            # main thread, gets back to Python.
             try:
-                pid, st = os.waitpid(-1, 0)
+                pid, st = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             except InterruptedError:  # pragma: no cover - PEP 475 retries
+                continue
+            if pid == 0:
+                time.sleep(0.1)
                 continue
             started = self.children.pop(pid, None)
             if started is None:

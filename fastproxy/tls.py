@@ -12,6 +12,13 @@ def openssl_version() -> str:
     return v()
 
 
+def tls_library() -> tuple[str, str, bool]:
+    """("OpenSSL" | "AWS-LC", its version, linked statically into the compiled modules)."""
+    from ._tls import tls_library as t
+
+    return t()
+
+
 def build_context(lc: ListenerConfig, *, source: str = CLI_SOURCE, index: int = 0, n_listeners: int = 1):
     """The TLSContext for a listener, or None for a plain TCP listener.
 

@@ -17,7 +17,7 @@ def test_version():
     out = r.stdout
     assert "compiled engine loaded" in out
     assert "NOT loaded" not in out
-    assert re.search(r"OpenSSL \d+\.\d+", out), out
+    assert re.search(r"^(OpenSSL OpenSSL \d+\.\d+|AWS-LC \d+\.\d+\.\d+ \(built in: .*libfastproxy-awslc\.so\))", out, re.M), out
     assert re.search(r"^fastproxy \d+\.\d+", out, re.M), out
     assert "Python 3." in out
 

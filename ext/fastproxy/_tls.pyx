@@ -158,6 +158,14 @@ def openssl_version():
     return OpenSSL_version(OPENSSL_VERSION).decode()
 
 
+def tls_library():
+    """(name, version, static): "OpenSSL" or "AWS-LC", the version the library reports at run time
+    (AWS-LC: "5.5.0", built into the package; OpenSSL: OpenSSL_version(), e.g. "OpenSSL 3.0.19 ...")."""
+    return (FP_TLS_LIBRARY.decode(),
+            FP_TLS_LIBRARY_VERSION.decode() if FP_TLS_STATIC else OpenSSL_version(OPENSSL_VERSION).decode(),
+            bool(FP_TLS_STATIC))
+
+
 cdef class TLSContext:
     """A server-side SSL_CTX: certificate chain, key, protocol floor, ciphers, client CA."""
 

@@ -1,4 +1,4 @@
-# Declarations of the OpenSSL (>= 1.1.1, tested with 3.0) C API used by _tls and _engine, all nogil.
+# Declarations of the OpenSSL (>= 3.0) / AWS-LC C API used by _tls and _engine, all nogil.
 # Macros such as SSL_CTX_set_mode are declared as functions; Cython emits the macro call.
 
 cdef extern from "openssl/ssl.h" nogil:
@@ -61,9 +61,7 @@ cdef extern from "openssl/ssl.h" nogil:
     const char* SSL_get_cipher_name(const SSL* ssl)
     void SSL_get0_alpn_selected(const SSL* ssl, const unsigned char** data, unsigned int* len)
     X509* SSL_get_peer_certificate(const SSL* ssl)
-    long SSL_get_verify_result(const SSL* ssl)
     const char* SSL_get_servername(const SSL* ssl, int type)
-    int SSL_free_buffers(SSL* ssl)
 
     int SSL_ERROR_NONE, SSL_ERROR_SSL, SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE
     int SSL_ERROR_SYSCALL, SSL_ERROR_ZERO_RETURN
@@ -110,7 +108,6 @@ cdef extern from "openssl/x509.h" nogil:
     int X509_STORE_CTX_get_error(X509_STORE_CTX* ctx)
     int X509_STORE_set_flags(X509_STORE* st, unsigned long flags)
     unsigned long X509_V_FLAG_CRL_CHECK, X509_V_FLAG_CRL_CHECK_ALL
-    int X509_STORE_load_file(X509_STORE* st, const char* file)
 
 cdef extern from "openssl/crypto.h" nogil:
     void OPENSSL_free(void* p)
@@ -122,13 +119,22 @@ cdef extern from "openssl/err.h" nogil:
     unsigned long ERR_peek_error()
     unsigned long ERR_peek_last_error()
     void ERR_clear_error()
-    void ERR_error_string_n(unsigned long e, char* buf, size_t len)
-    const char* ERR_reason_error_string(unsigned long e)
     int ERR_GET_REASON(unsigned long e)
 
+# What differs between OpenSSL and AWS-LC is hidden here (ext/includes/ssl_compat.h): the .pyx
+# files call the OpenSSL names, which resolve to its fp_* shims (the OpenSSL functions themselves
+# on OpenSSL).
 cdef extern from "ssl_compat.h" nogil:
     unsigned long SSL_OP_IGNORE_UNEXPECTED_EOF
     X509* SSL_get1_peer_certificate(const SSL* ssl)
+    int SSL_free_buffers "fp_SSL_free_buffers"(SSL* ssl)
+    long SSL_get_verify_result "fp_SSL_get_verify_result"(const SSL* ssl)
+    int X509_STORE_load_file "fp_X509_STORE_load_file"(X509_STORE* st, const char* file)
+    void ERR_error_string_n "fp_ERR_error_string_n"(unsigned long e, char* buf, size_t len)
+    const char* ERR_reason_error_string "fp_ERR_reason_error_string"(unsigned long e)
+    const char* FP_TLS_LIBRARY          # "OpenSSL" or "AWS-LC"
+    const char* FP_TLS_LIBRARY_VERSION  # AWS-LC: "5.5.0"; OpenSSL: OPENSSL_VERSION_TEXT (compile time)
+    int FP_TLS_STATIC                   # 1: built into the package (AWS-LC), 0: the system's libssl
 
 # Certificate inspection (_tls.certificate_info)
 cdef extern from "openssl/x509v3.h" nogil:
