@@ -461,6 +461,7 @@ def publish_packet(topic: str, payload: bytes, *, qos: int = 0, mid: int = 1, ve
 
 
 PINGREQ = b"\xc0\x00"
+PINGRESP = b"\xd0\x00"
 DISCONNECT = b"\xe0\x00"
 
 
@@ -505,6 +506,16 @@ def mqtt_handshake(sock: socket.socket, client_id: str, *, keepalive: int = 0, v
     ptype, _, body = read_packet(sock)
     assert ptype == 2, f"expected CONNACK, got packet type {ptype}"
     return body[1]
+
+
+def ping_ok(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """PINGREQ through the session; True if exactly a PINGRESP comes back."""
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(PINGREQ)
+        return recv_exact(sock, 2) == PINGRESP
+    except (OSError, ConnectionError):
+        return False
 
 
 def wait_closed(sock: socket.socket, timeout: float) -> tuple[bool, bytes, float]:

@@ -30,7 +30,7 @@ import proxyutil as U
 from fastproxy import proxy_protocol as pp
 
 HOST = U.HOST
-PINGRESP = b"\xd0\x00"
+PINGRESP = U.PINGRESP
 CONNACK_OK = b"\x20\x02\x00\x00"
 CHECK_PREFIX = "fastproxy-check-"
 
@@ -60,16 +60,6 @@ def hold_session(port: int, client_id: str, track, *, timeout: float = 5.0) -> s
     code = U.mqtt_handshake(s, client_id)
     assert code == 0, f"{client_id}: CONNACK return code {code:#04x}"
     return s
-
-
-def ping_ok(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """PINGREQ through the session; True if exactly a PINGRESP comes back."""
-    sock.settimeout(timeout)
-    try:
-        sock.sendall(U.PINGREQ)
-        return U.recv_exact(sock, 2) == PINGRESP
-    except (OSError, ConnectionError):
-        return False
 
 
 def disconnect(sock: socket.socket, timeout: float = 5.0) -> None:
@@ -167,7 +157,7 @@ def reopen_on(broker, socks: dict[str, socket.socket], ids: list[str], port: int
         socks[c] = hold_session(port, c, track)
     wait_in_log(broker, ids)
     for c in ids:
-        assert ping_ok(socks[c])
+        assert U.ping_ok(socks[c])
 
 
 # ----------------------------------------------------------------------------- 1. SIGSTOP + shutdown-sessions
@@ -195,7 +185,7 @@ def test_sigstop_marks_down_closes_its_sessions_and_clients_fail_over_and_return
             assert closed, f"{c} (on the stopped broker) was not closed by the proxy"
         # the sessions on B are untouched and still carry MQTT both ways
         for c in on_b:
-            assert ping_ok(socks[c]), f"{c} (on the healthy broker) lost its session"
+            assert U.ping_ok(socks[c]), f"{c} (on the healthy broker) lost its session"
 
         entries = proxy.wait_access(lambda e: e.reason == "upstream-down", n=len(on_a))
         assert sorted(e.clientid for e in entries) == sorted(on_a)
@@ -221,7 +211,7 @@ def test_sigstop_marks_down_closes_its_sessions_and_clients_fail_over_and_return
     on_b_log = Counter(client_ids(b))
     assert all(on_b_log[c] == 1 for c in on_a), f"a returning ClientId went to B again: {on_b_log}"
     for c in ids:
-        assert ping_ok(socks[c]), f"{c}: session not working after A came back"
+        assert U.ping_ok(socks[c]), f"{c}: session not working after A came back"
 
 
 # ----------------------------------------------------------------------------- 2. broker killed
@@ -242,7 +232,7 @@ def test_broker_killed_mid_session_closes_client_and_retry_lands_on_the_other(
         closed, _, _ = U.wait_closed(socks[c], 5)
         assert closed, f"{c}: the proxy kept the client open after its broker died"
     for c in on_b:
-        assert ping_ok(socks[c])
+        assert U.ping_ok(socks[c])
 
     # no health checks: the reconnect is refused by A's dead port and retried on B
     reopen_on(b, socks, on_a, port, raw_sockets)
@@ -286,7 +276,7 @@ def test_marked_down_without_shutdown_sessions_keeps_held_sessions(
         # new clients whose ClientId belongs to A are sent to B
         for c in fresh:
             s = hold_session(port, c, raw_sockets)
-            assert ping_ok(s)
+            assert U.ping_ok(s)
         wait_in_log(b, fresh)
     assert not set(fresh) & set(client_ids(a))
 
@@ -624,7 +614,7 @@ def test_health_checks_and_sessions_carry_the_per_server_proxy_header(
     local_ports = {}
     for c in to_pp + to_mq:
         s = hold_session(port, c, raw_sockets)
-        assert ping_ok(s)
+        assert U.ping_ok(s)
         local_ports[c] = s.getsockname()[1]
     wait_in_log(mosquitto, to_mq)
     sessions = {cid: h for h, cid, _ in pp_broker.records() if cid and not cid.startswith(CHECK_PREFIX)}

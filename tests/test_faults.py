@@ -45,15 +45,6 @@ def tls_session(port: int, certs, client_id: str, track, *, timeout: float = 10.
     return s
 
 
-def ping_ok(sock: socket.socket, timeout: float = 5.0) -> bool:
-    sock.settimeout(timeout)
-    try:
-        sock.sendall(U.PINGREQ)
-        return U.recv_exact(sock, 2) == b"\xd0\x00"
-    except (OSError, ConnectionError):
-        return False
-
-
 def disconnect(sock: socket.socket) -> None:
     try:
         sock.sendall(U.DISCONNECT)
@@ -193,7 +184,7 @@ def test_brokers_frozen_killed_restarted_in_loops(mosquitto_factory, start_proxy
                 assert closed, f"round {rnd}: {c} (on the frozen broker) was not closed by the proxy"
             cut_by_stop += on_v
             for c in on_o:
-                assert ping_ok(socks[c]), f"round {rnd}: {c} (on the healthy broker) lost its session"
+                assert U.ping_ok(socks[c]), f"round {rnd}: {c} (on the healthy broker) lost its session"
             moved = take(vi, 2)
             for c in moved:
                 assert connack_code(fp.port, certs, c) == 0, f"round {rnd}: {c} refused while one broker is frozen"
@@ -227,7 +218,7 @@ def test_brokers_frozen_killed_restarted_in_loops(mosquitto_factory, start_proxy
         wait_in_log(victim, after)
 
         for c in on_o:
-            assert ping_ok(socks[c]), f"round {rnd}: {c} lost its session on the healthy broker"
+            assert U.ping_ok(socks[c]), f"round {rnd}: {c} lost its session on the healthy broker"
             disconnect(socks[c])
         assert fp.proc.poll() is None, f"the proxy exited in round {rnd}:\n{fp.stderr()[-3000:]}"
 

@@ -10,7 +10,7 @@ from openssl cimport *
 from fastproxy._defs cimport *
 from fastproxy._types cimport Core, Conn, Dir, Listener
 from fastproxy._bufpool cimport dir_alloc, dir_release, dir_grow
-from fastproxy._transport cimport side_read, verified_cn
+from fastproxy._transport cimport side_peek, verified_cn
 from mqtt cimport *
 from fastproxy._conn cimport conn_end, conn_refuse, conn_refuse_rc5
 from fastproxy._upstream cimport upstream_connect
@@ -37,13 +37,8 @@ cdef void connect_read(Core* e, Conn* c) noexcept nogil:
     cdef int r
     cdef mqtt_connect mc
     cdef mqtt_connect_error me
-    cdef char b
-    if d.buf == NULL and c.cl.ssl == NULL and c.ws == NULL and c.cl.in_off >= c.cl.in_len:
-        # A plain client that has sent nothing yet costs no buffer (silent-socket floods).
-        n = recv(c.cl.fd, &b, 1, MSG_PEEK)
-        if n < 0 and (fp_errno() == EAGAIN or fp_errno() == EINTR):
-            c.cl.readable = 0
-            return
+    if d.buf == NULL and c.cl.ssl == NULL and c.ws == NULL and side_peek(&c.cl) == IO_AGAIN:
+        return      # a plain client that has sent nothing yet costs no buffer (silent-socket floods)
     while True:
         if d.buf == NULL and not dir_alloc(e, d):
             conn_end(e, c, R_INTERNAL, ENOMEM)

@@ -12,7 +12,7 @@ from openssl cimport *
 from fastproxy._defs cimport *
 from fastproxy._types cimport Core, Conn, Side, Listener, Cidr
 from fastproxy._bufpool cimport pool_get
-from fastproxy._transport cimport side_release_input, tls_start, tls_handshake
+from fastproxy._transport cimport side_release_input, side_peek, tls_start, tls_handshake
 from proxyproto cimport pp_parse_ex, pp_result, PP_NEED_MORE, PP_VALID, PP2_CMD_PROXY, PP2_TCP4, PP2_TCP6
 from fastproxy._conn cimport conn_end, conn_tag
 from fastproxy._websocket cimport ws_or_connect
@@ -117,22 +117,18 @@ cdef void _client_accepted(Core* e, Conn* c) noexcept nogil:
 cdef void ingress_handshake(Core* e, Conn* c) noexcept nogil:
     """Advance the handshake (started at the first byte); when done, the CONNECT stage."""
     cdef int r
-    cdef char b
     cdef ssize_t n
     if c.cl.ssl == NULL:
-        if c.cl.in_off >= c.cl.in_len:         # no bytes left over from a PROXY header
-            n = recv(c.cl.fd, &b, 1, MSG_PEEK)
-            if n < 0:
-                r = fp_errno()
-                if r == EAGAIN or r == EINTR:
-                    c.cl.readable = 0
-                    return
-                conn_end(e, c, R_HANDSHAKE_FAILED, r)
-                return
-            if n == 0:
-                c.detail_static = b"closed before the TLS handshake"
-                conn_end(e, c, R_HANDSHAKE_FAILED, 0)
-                return
+        n = side_peek(&c.cl)
+        if n == IO_AGAIN:
+            return
+        if n == IO_ERR:
+            conn_end(e, c, R_HANDSHAKE_FAILED, fp_errno())
+            return
+        if n == 0:
+            c.detail_static = b"closed before the TLS handshake"
+            conn_end(e, c, R_HANDSHAKE_FAILED, 0)
+            return
         if tls_start(e, c, e.listeners[c.listener].ssl_ctx) < 0:
             conn_end(e, c, R_INTERNAL, ENOMEM)
             return

@@ -17,6 +17,23 @@ cdef inline void side_release_input(Side* s) noexcept nogil:
     s.in_off = s.in_len = 0
 
 
+cdef inline ssize_t side_peek(Side* s) noexcept nogil:
+    """Whether a plain socket side has sent anything, without taking it (so that nothing is
+    allocated for a client that has not): 1 when a byte waits, 0 at EOF, IO_AGAIN (readiness
+    consumed), IO_ERR (errno says why). Bytes left over from a PROXY header count as input."""
+    cdef char b
+    cdef ssize_t n
+    if s.in_off < s.in_len:
+        return 1
+    n = recv(s.fd, &b, 1, MSG_PEEK)
+    if n >= 0:
+        return n
+    if fp_errno() == EAGAIN or fp_errno() == EINTR:
+        s.readable = 0
+        return IO_AGAIN
+    return IO_ERR
+
+
 cdef inline bint side_has_input(Side* s) noexcept nogil:
     """Whether a read may return something: unconsumed socket readiness, or bytes already
     pulled into our BIO buffer or into OpenSSL's record buffer."""
