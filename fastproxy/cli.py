@@ -1,4 +1,4 @@
-"""The `fastproxy` command: serve, check, status, version.
+"""The `fastproxy` command: serve, check, status, version, reload, top, bench.
 
 Every listener/global setting has one flag and one config-file key (`--tls-cert` is
 `tls_cert`); the flag names spelled out in the issues are a contract and must not change.
@@ -192,6 +192,10 @@ def _parser() -> argparse.ArgumentParser:
 
     _top_arguments(sub.add_parser("top", help="a live, refreshing table of the sessions of a running proxy "
                                                "(from its --admin endpoint); d disconnects one"))
+    from .bench import add_arguments as _bench_arguments
+
+    _bench_arguments(sub.add_parser("bench", help="measure this machine: handshakes/s and messages/s per core, "
+                                                  "devices per GiB, the largest fleet it holds (fastproxy.bench)"))
     return p
 
 
@@ -389,6 +393,10 @@ def _run(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
 
         return _cmd_top(ns)
     try:
+        if ns.command == "bench":
+            from .bench import run_command as _cmd_bench
+
+            return _cmd_bench(ns)
         if ns.command == "reload":
             return _cmd_reload(ns)
         cfg = config_from_args(ns)

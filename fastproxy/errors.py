@@ -145,3 +145,8 @@ class TopicNameInvalid(MQTTProtocolError):
 
 class PacketTooLarge(MQTTProtocolError):
     """The CONNECT is larger than the configured maximum packet size (0x95)."""
+
+
+class BenchError(FastproxyError):
+    """`fastproxy bench` cannot run or measure: a missing broker binary, a setting the load
+    generator cannot meet, a process that did not start. The message says what to do."""
