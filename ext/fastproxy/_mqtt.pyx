@@ -5,7 +5,10 @@ Use it through fastproxy.mqtt, which re-exports these functions next to the Conn
 dataclass and the reason-code constants. The engine calls the C functions directly.
 """
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+# No PyBytes_AS_STRING/PyBytes_GET_SIZE (macros outside the limited API, FASTPROXY_ABI3): a `bytes`
+# variable coerced to a char pointer and len() of it are what Cython compiles to those macros with
+# the full API and to PyBytes_AsString/PyBytes_Size with the limited one.
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
@@ -171,10 +174,11 @@ def parse_connect(data, max_size=65536):
     cdef mqtt_connect_error e
     cdef size_t limit = _max_size(max_size)
     cdef Py_buffer view
+    cdef bytes b
     cdef int r
     if type(data) is bytes:
-        r = mqtt_parse_connect(<const uint8_t *>PyBytes_AS_STRING(data),
-                               <size_t>PyBytes_GET_SIZE(data), limit, &c, &e)
+        b = <bytes>data
+        r = mqtt_parse_connect(<const uint8_t *><const char *>b, <size_t>len(b), limit, &c, &e)
         if r == MQTT_VALID:
             return _info(&c)
     else:
@@ -231,12 +235,13 @@ def rewrite_client_id(data, new_id):
     cdef bytes src
     cdef bytes nid
     cdef bytes result
+    cdef char *out
     cdef long n
     cdef size_t new_rl, total, rest
     cdef int r
     src = data if type(data) is bytes else bytes(data)
     nid = new_id.encode("utf-8") if isinstance(new_id, str) else bytes(new_id)
-    r = mqtt_parse_connect(<const uint8_t *>PyBytes_AS_STRING(src), <size_t>len(src),
+    r = mqtt_parse_connect(<const uint8_t *><const char *>src, <size_t>len(src),
                            MQTT_MAX_PACKET_SIZE, &c, &e)
     if r == MQTT_NEED_MORE:
         raise ValueError("data does not hold a complete CONNECT")
@@ -250,15 +255,16 @@ def rewrite_client_id(data, new_id):
     total = 2 + (new_rl >= 128) + (new_rl >= 16384) + (new_rl >= 2097152) + new_rl
     rest = <size_t>len(src) - c.packet_len
     result = PyBytes_FromStringAndSize(NULL, total + rest)
-    n = mqtt_rewrite_client_id(<const uint8_t *>PyBytes_AS_STRING(src), <size_t>len(src), &c,
-                               <const uint8_t *>PyBytes_AS_STRING(nid), <size_t>len(nid),
-                               <uint8_t *>PyBytes_AS_STRING(result), total)
+    out = <char *>result  # a new object, not yet shared: filling it in place is allowed
+    n = mqtt_rewrite_client_id(<const uint8_t *><const char *>src, <size_t>len(src), &c,
+                               <const uint8_t *><const char *>nid, <size_t>len(nid),
+                               <uint8_t *>out, total)
     if n == MQTT_BUILD_E_ARG:
         raise ValueError("new client identifier is not well-formed UTF-8 without U+0000")
     if n < 0 or <size_t>n != total:
         raise RuntimeError(f"mqtt_rewrite_client_id failed ({n})")
     if rest:
-        memcpy(PyBytes_AS_STRING(result) + total, PyBytes_AS_STRING(src) + c.packet_len, rest)
+        memcpy(out + total, <const char *>src + c.packet_len, rest)
     return result
 
 
@@ -268,8 +274,8 @@ def _parse_repeat(bytes data, Py_ssize_t iterations, max_size=65536):
     cdef mqtt_connect c
     cdef mqtt_connect_error e
     cdef size_t limit = _max_size(max_size)
-    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(data)
-    cdef size_t n = <size_t>PyBytes_GET_SIZE(data)
+    cdef const uint8_t *p = <const uint8_t *><const char *>data
+    cdef size_t n = <size_t>len(data)
     cdef Py_ssize_t i
     cdef int r = 0
     with nogil:
