@@ -7,9 +7,16 @@ nginx). The primary figures are the proxy's own CPU per unit of work (utime+stim
 process group from /proc) and its memory, because on a small shared machine messages/s is bound
 by the load generator, not by the proxy. See benchmarks/README.md.
 
+Two fastproxy columns: `fastproxy` (the checkout's in-place build, usually on the system OpenSSL;
+--fastproxy-cmd for another) and, on request, `fastproxy-awslc` (the same sources built with
+FASTPROXY_TLS=awslc in a cache directory, rebuilt when ext/ or setup.py change;
+--fastproxy-awslc-cmd for another). Both get the same arguments and scenarios and each is
+compared with the best peer, never with the other.
+
     python3 benchmarks/e2e.py --quick                       # ~1 minute smoke run
     python3 benchmarks/e2e.py --json out.json               # full run (< 10 minutes on 2 cores)
     python3 benchmarks/e2e.py --only haproxy,nginx --scenarios msg64,idle
+    python3 benchmarks/e2e.py --only fastproxy,fastproxy-awslc,haproxy,nginx --scenarios msg64,qos1,bulk,idle,connect
     python3 benchmarks/e2e.py --only fastproxy --scenarios pool --pool-size 3   # pool of 3 vs 1 broker
     python3 benchmarks/e2e.py --scenarios silent            # RSS per silent (pre-TLS) socket, ~1 min/round
     python3 benchmarks/e2e.py --scenarios msg64,wss         # MQTT over WebSocket (wss) vs mqtts, CPU per message
@@ -17,6 +24,7 @@ by the load generator, not by the proxy. See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import queue
@@ -60,9 +68,14 @@ from common import (  # noqa: E402
     wait_port,
 )
 
-PROXIES = ("fastproxy", "haproxy", "nginx")
+PROXIES = ("fastproxy", "fastproxy-awslc", "haproxy", "nginx")
+DEFAULT_PROXIES = ("fastproxy", "haproxy", "nginx")  # fastproxy-awslc on request (it needs an AWS-LC build)
 PEERS = ("haproxy", "nginx")
-SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "silent", "latency", "connect", "connect-pp", "pool", "wss")
+# the fastproxy builds: the same arguments and scenarios; each is compared with the best peer, never with the other
+FASTPROXIES = ("fastproxy", "fastproxy-awslc")
+# fastproxy-awslc without --fastproxy-awslc-cmd: built under $FASTPROXY_CACHE/e2e-awslc/<key of the sources>
+AWSLC_BUILDS_KEPT = 3
+SCENARIOS = ("msg64", "msg1k", "qos1", "bulk", "idle", "silent", "latency", "connect", "connect-pp", "pool", "wss")
 DEFAULT_SCENARIOS = ("msg64", "msg1k", "bulk", "idle", "latency")
 # connect-pp: fastproxy alone, without and with a PROXY v2 header (+ SSL TLVs + CN) toward a fake broker
 PP_VARIANTS = ("fastproxy", "fastproxy+v2-ssl-cn")
@@ -108,6 +121,9 @@ METRICS = (
     Metric("msg64", "msgs_per_s", "messages/s, 64 B", "msg/s", False, None, "{:,.0f}"),
     Metric("msg1k", "cpu_us_per_msg", "proxy CPU per message, 1 KiB", "µs/msg", True, ("peer", 1.0), "{:.3f}"),
     Metric("msg1k", "msgs_per_s", "messages/s, 1 KiB", "msg/s", False, None, "{:,.0f}"),
+    Metric("qos1", "cpu_us_per_msg", "proxy CPU per message, 64 B QoS 1 (PUBACK back)", "µs/msg", True,
+           ("peer", 1.0), "{:.3f}"),
+    Metric("qos1", "msgs_per_s", "messages/s, 64 B QoS 1", "msg/s", False, None, "{:,.0f}"),
     Metric("bulk", "cpu_s_per_gb", "proxy CPU per GB, bulk TLS -> plain", "s/GB", True, ("peer", 1.0), "{:.3f}"),
     Metric("bulk", "mb_per_s", "bulk throughput", "MB/s", False, None, "{:,.0f}"),
     Metric("idle", "kib_per_conn", "proxy RSS per idle mTLS connection", "KiB/conn", True, ("abs", 14.0), "{:.1f}"),
@@ -229,7 +245,12 @@ class Bench:
         self.notes: list[str] = []
         self.background: list[dict] = []
         self.round = 0
-        self.fastproxy_cmd = shlex.split(a.fastproxy_cmd) if a.fastproxy_cmd else [PY, "-m", "fastproxy"]
+        # per fastproxy build: its command and the PYTHONPATH it runs with (None: the environment's)
+        self.fp_cmd: dict[str, list[str]] = a.fp_cmd
+        self.fp_path: dict[str, str | None] = a.fp_path
+        # connect-pp and pool measure one fastproxy build: fastproxy, else fastproxy-awslc (set by run())
+        self.fp_main = "fastproxy"
+        self.pp_variants: tuple[str, str] = PP_VARIANTS
 
     # ---- infrastructure
 
@@ -311,7 +332,7 @@ class Bench:
         wss: the listener speaks MQTT over WebSocket over TLS (same TLS setup): fastproxy --websocket
         (upstream: plain MQTT), HAProxy `mode http` and nginx `http` + proxy_pass with the Upgrade headers
         (upstream: a broker's WebSocket listener; both pass the WebSocket through unchanged)."""
-        if fastproxy_args and name != "fastproxy":
+        if fastproxy_args and name not in FASTPROXIES:
             raise ValueError("fastproxy_args: fastproxy only")
         port = free_port()
         c = self.certs
@@ -329,8 +350,8 @@ class Bench:
                 "    tcp-request content reject unless cn_ok\n"
                 "    tcp-request content accept\n"
             )
-        if name == "fastproxy":
-            argv = self.fastproxy_cmd + [
+        if name in FASTPROXIES:
+            argv = self.fp_cmd[name] + [
                 "serve", "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream_port}",
                 "--tls-cert", c.server_crt, "--tls-key", c.server_key,
                 "--client-ca", c.ca, "--verify", "required",
@@ -347,7 +368,9 @@ class Bench:
                 argv += ["--websocket", WSS_PATH]
             argv += list(fastproxy_args)
             env = dict(os.environ)
-            env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            path = self.fp_path.get(name)
+            if path:
+                env["PYTHONPATH"] = path + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             p = self.procs.start(name, argv, log_path=logp, env=env, cwd=self.tmp)
             expect_procs = 1
         elif name == "haproxy":
@@ -515,8 +538,10 @@ class Bench:
                 f.write(line * left)
         return path
 
-    def run_msg(self, proxy: str, size: int, transport: str | None = None) -> dict:
-        """mosquitto_pub -l (QoS 0) through the proxy; a mosquitto_sub on the broker counts arrivals.
+    def run_msg(self, proxy: str, size: int, transport: str | None = None, qos: int = 0) -> dict:
+        """mosquitto_pub -l (QoS 0, or `qos`) through the proxy; a mosquitto_sub on the broker counts
+        arrivals. With QoS 1 every PUBLISH gets a PUBACK back through the proxy (mosquitto_pub keeps up
+        to 20 in flight), the traffic pattern of devices that want delivery confirmed.
 
         transport (the wss scenario): "mqtts" or "wss", with the --wss-client publisher (Mosquitto 2.1's
         mosquitto_pub, with --ws for wss, or loadgen.py pub). For wss, HAProxy and nginx pass the
@@ -551,7 +576,7 @@ class Bench:
             else:
                 px, port = self.start_proxy(proxy, upstream, wss=transport == "wss")
                 target, pgid = ["-p", str(port)] + self.tls_args(), px.pid
-            argv = ["mosquitto_pub", "-h", "127.0.0.1", *target, "-t", f"{topic}/data", "-q", "0", "-l",
+            argv = ["mosquitto_pub", "-h", "127.0.0.1", *target, "-t", f"{topic}/data", "-q", str(qos), "-l",
                     "-i", self._name("pub")]
             if transport is not None and self.a.wss_client == "mosquitto":
                 argv[0] = self.a.mosquitto21_pub
@@ -604,6 +629,42 @@ class Bench:
             if px is not None:
                 self.procs.stop(px)
             self.procs.stop(sub)
+
+    def run_qos1(self, proxy: str) -> dict:
+        """--messages QoS 1 64 B PUBLISHes over one mTLS connection from the compiled generator of
+        `fastproxy bench` (fastproxy._loadgen in a process of its own; up to 64 in flight), each
+        PUBACK back through the proxy: the pattern of devices that want delivery confirmed.
+        (mosquitto_pub -l -q 1 drops what it still queues when its input ends.) A PUBACK counts the
+        message: the broker has it."""
+        px, port = self.start_proxy(proxy, self.broker_port)
+        c = self.certs
+        params = {"scenario": "publish", "host": "127.0.0.1", "port": port, "conns": 1, "concurrency": 1,
+                  "ca": c.ca, "cert": c.client_crt, "key": c.client_key, "prefix": self._name("q1"),
+                  "qos": 1, "payload": 64, "messages": self.a.messages, "timeout": float(self.a.step_timeout)}
+        try:
+            perf = self.perf_start("qos1", proxy, px.pid)
+            c0 = group_cpu(px.pid)
+            gen = subprocess.run([PY, "-m", "fastproxy.bench", "_gen", json.dumps(params)], capture_output=True,
+                                 text=True, timeout=self.a.step_timeout + 30, cwd=REPO)
+            c1 = group_cpu(px.pid)
+            self.perf_stop(perf)
+            lines = [x for x in gen.stdout.splitlines() if x.startswith("result ")]
+            if not lines:
+                raise BenchError(f"qos1 generator failed: {(gen.stdout + gen.stderr)[-400:]}")
+            r = json.loads(lines[-1].split(" ", 1)[1])
+            acked = int(r.get("acked") or 0)
+            t0, t1 = r.get("t_send_start"), r.get("t_send_end")
+            res: dict = {"expected": self.a.messages, "count": acked, "published": r.get("published"),
+                         "elapsed_s": (t1 - t0) if t0 and t1 else None}
+            res["msgs_per_s"] = acked / res["elapsed_s"] if res["elapsed_s"] else None
+            if acked:
+                cpu = best_cpu_s(c0, c1)
+                res.update(cpu_s=cpu, cpu_us_per_msg=cpu / acked * 1e6)
+            if acked < self.a.messages:
+                res["warning"] = f"only {acked} of {self.a.messages} PUBACKs ({r.get('first_error')})"
+            return res
+        finally:
+            self.stop_proxy(proxy, px)
 
     def run_wss(self, proxy: str) -> dict:
         """The same --messages QoS 0 64 B messages through the proxy twice, with the same publisher:
@@ -707,9 +768,9 @@ class Bench:
                 args += ["--upstream", f"127.0.0.1:{port}"]
             if self.a.pool_health_interval is not None:
                 args += ["--health-interval", self.a.pool_health_interval]
-            px, pport = self.start_proxy("fastproxy", ports[0], fastproxy_args=args)
+            px, pport = self.start_proxy(self.fp_main, ports[0], fastproxy_args=args)
             files = [self.data_file(self.a.pool_msg_size, m) for m in per]
-            perf = self.perf_start(f"pool{n_srv}", "fastproxy", px.pid)
+            perf = self.perf_start(f"pool{n_srv}", self.fp_main, px.pid)
             c0 = group_cpu(px.pid)
             t0 = time.monotonic()
             for cid, data in zip(ids, files):
@@ -746,7 +807,7 @@ class Bench:
             count = arrived()
             per_broker = [c.count for c in counters]
             last_t = max(c.last_t for c in counters)
-            self.stop_proxy("fastproxy", px)
+            self.stop_proxy(self.fp_main, px)
             px = None
         finally:
             for pub in pubs:
@@ -1089,9 +1150,10 @@ class Bench:
 
         `connect`: fastproxy --require-clientid-cn / HAProxy mqtt_field_value vs ssl_c_s_dn(cn) / nginx
         plain mTLS, upstream Mosquitto. `connect-pp` (pp_variant set): fastproxy without / with
-        --proxy-protocol v2-ssl-cn, upstream the fake broker (which skips the header)."""
+        --proxy-protocol v2-ssl-cn, upstream the fake broker (which skips the header); the variant's name
+        starts with the fastproxy build it runs ("fastproxy+v2-ssl-cn", "fastproxy-awslc")."""
         pp = pp_variant is not None and pp_variant.endswith("v2-ssl-cn")
-        name = "fastproxy" if pp_variant is not None else proxy
+        name = pp_variant.split("+", 1)[0] if pp_variant is not None else proxy
         upstream = self.fake_port if pp_variant is not None else self.broker_port
         px, port = self.start_proxy(name, upstream, check_clientid=True,
                                     proxy_protocol="v2-ssl-cn" if pp else None)
@@ -1151,7 +1213,7 @@ class Bench:
 # --------------------------------------------------------------------------- orchestration
 
 
-def available(name: str, fastproxy_cmd: str | None) -> str | None:
+def available(name: str, a: argparse.Namespace) -> str | None:
     """None when the proxy can run here, else the reason."""
     if name == "haproxy":
         return None if shutil.which("haproxy") else "haproxy not installed"
@@ -1167,11 +1229,14 @@ def available(name: str, fastproxy_cmd: str | None) -> str | None:
             NGINX_LOAD_STREAM = ""  # built in statically
             return None
         return f"{NGINX_STREAM_MODULE} missing (apt install libnginx-mod-stream)"
-    if name == "fastproxy":
-        if fastproxy_cmd:
+    if name in FASTPROXIES:
+        if name in a.fp_error:
+            return a.fp_error[name]
+        if a.fp_custom[name]:
             return None
-        env = dict(os.environ, PYTHONPATH=REPO)
-        r = subprocess.run([PY, "-c", "import fastproxy._engine"], env=env, cwd=REPO,
+        path = a.fp_path[name]
+        env = dict(os.environ, PYTHONPATH=path)
+        r = subprocess.run([PY, "-c", "import fastproxy._engine"], env=env, cwd=path,
                            capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
             err = (r.stderr.strip().splitlines() or ["?"])[-1]
@@ -1180,22 +1245,171 @@ def available(name: str, fastproxy_cmd: str | None) -> str | None:
     return f"unknown proxy {name}"
 
 
-def _fastproxy_build(fastproxy_cmd: str | None) -> dict:
-    """`fastproxy version` and the compiled modules' mtimes (the in-place build may change under a run)."""
-    cmd = shlex.split(fastproxy_cmd) if fastproxy_cmd else [PY, "-m", "fastproxy"]
+def _modules_mtime(path: str | None) -> dict:
+    pkg = os.path.join(path, "fastproxy") if path else ""
+    mods = {}
+    if pkg and os.path.isdir(pkg):
+        for f in sorted(os.listdir(pkg)):
+            if f.endswith(".so"):
+                mods[f.split(".")[0]] = time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                      time.localtime(os.path.getmtime(os.path.join(pkg, f))))
+    return mods
+
+
+def _fastproxy_build(name: str, a: argparse.Namespace) -> dict:
+    """`fastproxy version` (its 4th line names the TLS library: `tls`) and the compiled modules' mtimes
+    (the in-place build may change under a run)."""
+    cmd, path = a.fp_cmd[name], a.fp_path[name]
+    env = dict(os.environ)
+    if path:
+        env["PYTHONPATH"] = path + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # the working directory of the proxies themselves (start_proxy: the temp dir), not the checkout, where
+    # `python -m fastproxy` of another command would find the checkout's package first (sys.path[0] = cwd)
+    cwd = path if path and not a.fp_custom[name] else a.fp_scratch
     try:
-        r = subprocess.run(cmd + ["version"], capture_output=True, text=True, timeout=60,
-                           env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
+        r = subprocess.run(cmd + ["version"], capture_output=True, text=True, timeout=60, env=env, cwd=cwd)
         version = r.stdout.strip().splitlines()
     except (OSError, subprocess.TimeoutExpired) as e:
         version = [f"unavailable ({e})"]
-    pkg = os.path.join(REPO, "fastproxy")
-    mods = {}
-    if os.path.isdir(pkg):
-        for f in sorted(os.listdir(pkg)):
-            if f.endswith(".so"):
-                mods[f.split(".")[0]] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(os.path.getmtime(os.path.join(pkg, f))))
-    return {"version": version, "modules_mtime": mods}
+    info = {"command": shlex.join(cmd), "pythonpath": path, "version": version,
+            "tls": version[3] if len(version) > 3 else None,
+            "modules_mtime": _modules_mtime(path) if not a.fp_custom[name] else {}}
+    info.update(a.fp_info.get(name, {}))
+    return info
+
+
+# ---- fastproxy-awslc: the current sources built against AWS-LC, in a cache directory
+
+
+def _cache_root() -> str:
+    return os.environ.get("FASTPROXY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastproxy")
+
+
+def _tree_files() -> list[str]:
+    """The checkout's files as scripts/test-build copies them: tracked and untracked-not-ignored, no .so."""
+    r = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                       timeout=60)
+    if r.returncode != 0:
+        raise BenchError(f"git ls-files failed in {REPO}: {r.stderr.decode(errors='replace').strip()[-300:]}")
+    return sorted(f for f in r.stdout.decode().split("\0")
+                  if f and not f.endswith(".so") and os.path.isfile(os.path.join(REPO, f)))
+
+
+def _build_key(files: Sequence[str], prefix: str) -> str:
+    """What the compiled modules depend on: the contents of ext/, setup.py, pyproject.toml and
+    scripts/build-awslc as they are in the working tree (edits not yet committed included), the
+    AWS-LC prefix and the interpreter."""
+    h = hashlib.sha256(f"{sys.version}\0{PY}\0{prefix}\0".encode())
+    for f in files:
+        if f.startswith("ext/") or f in ("setup.py", "pyproject.toml", "scripts/build-awslc"):
+            with open(os.path.join(REPO, f), "rb") as fh:
+                h.update(f.encode() + b"\0" + hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()[:16]
+
+
+def awslc_build() -> tuple[str, dict]:
+    """The directory of an AWS-LC build (FASTPROXY_TLS=awslc, build_ext --inplace) of the current sources,
+    under $FASTPROXY_CACHE/e2e-awslc/<key>; built now (a copy of the tree, as scripts/test-build makes)
+    when there is none for these sources. Never touches the checkout's own build."""
+    try:
+        r = subprocess.run([os.path.join(REPO, "scripts", "build-awslc")], capture_output=True, text=True,
+                           timeout=3600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BenchError(f"scripts/build-awslc failed: {e}") from None
+    if r.returncode != 0 or not r.stdout.strip():
+        raise BenchError(f"scripts/build-awslc failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+    prefix = r.stdout.strip().splitlines()[-1]
+    files = _tree_files()
+    key = _build_key(files, prefix)
+    root = os.path.join(_cache_root(), "e2e-awslc")
+    final = os.path.join(root, key)
+    info: dict = {"awslc_prefix": prefix, "build_dir": final, "sources_key": key}
+    if os.path.isdir(final):
+        log(f"fastproxy-awslc: cached build of these sources: {final}")
+        os.utime(final)  # most recently used (see the pruning below)
+        info["built_now"] = False
+        return final, info
+    os.makedirs(root, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".build-{key}-", dir=root)
+    os.chmod(work, 0o755)
+    blog = os.path.join(work, "build.log")
+    log(f"fastproxy-awslc: building the current sources against AWS-LC ({prefix}) in {work} ...")
+    t0 = time.monotonic()
+    try:
+        for f in files:
+            dst = os.path.join(work, f)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy2(os.path.join(REPO, f), dst)
+        env = dict(os.environ, FASTPROXY_TLS="awslc", FASTPROXY_AWSLC=prefix)
+        env.pop("PYTHONPATH", None)
+        with open(blog, "w") as lf:
+            rb = subprocess.run([PY, "setup.py", "-q", "build_ext", "--inplace", "-j2"], cwd=work, env=env,
+                               stdout=lf, stderr=subprocess.STDOUT, timeout=3600)
+        if rb.returncode != 0:
+            failed = os.path.join(root, "last-failed-build.log")
+            shutil.copy2(blog, failed)
+            raise BenchError(f"the AWS-LC build failed ({rb.returncode}; {failed}): {file_tail(blog, 400)}")
+        v = subprocess.run([PY, "-m", "fastproxy", "version"], cwd=work, env=dict(env, PYTHONPATH=work),
+                           capture_output=True, text=True, timeout=60).stdout.splitlines()
+        if len(v) < 4 or "AWS-LC" not in v[3]:
+            raise BenchError(f"the AWS-LC build does not run on AWS-LC: `fastproxy version` says {v}")
+        shutil.rmtree(os.path.join(work, "build"), ignore_errors=True)  # the object files
+        try:
+            os.rename(work, final)
+        except OSError:  # another run built the same sources meanwhile: use that one
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log(f"fastproxy-awslc: built in {time.monotonic() - t0:.0f}s: {final}")
+    info["built_now"] = True
+    info["build_s"] = round(time.monotonic() - t0, 1)
+    # keep the most recently used builds only
+    olds = sorted((d for d in os.listdir(root) if len(d) == 16 and os.path.isdir(os.path.join(root, d))),
+                  key=lambda d: os.path.getmtime(os.path.join(root, d)), reverse=True)
+    for d in olds[AWSLC_BUILDS_KEPT:]:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    return final, info
+
+
+def awslc_run_tree(build: str, dest: str) -> str:
+    """A fastproxy package to run: the checkout's current Python files with the compiled modules of the
+    AWS-LC build (libfastproxy-awslc.so beside them; the modules find it through an rpath of $ORIGIN).
+    The Python side is the same as the in-place column's; only the compiled side differs."""
+    for f in _tree_files():
+        if f.startswith("fastproxy/"):
+            dst = os.path.join(dest, f)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy2(os.path.join(REPO, f), dst)
+    pkg = os.path.join(build, "fastproxy")
+    sos = [f for f in os.listdir(pkg) if f.endswith(".so")]
+    if not any(f.startswith("_engine.") for f in sos):
+        raise BenchError(f"no compiled engine in {pkg}")
+    for f in sos:
+        shutil.copy2(os.path.join(pkg, f), os.path.join(dest, "fastproxy", f))
+    return dest
+
+
+def prepare_fastproxies(a: argparse.Namespace, scratch: str) -> None:
+    """a.fp_cmd / fp_path / fp_custom / fp_error / fp_info for each fastproxy build in --only."""
+    a.fp_cmd, a.fp_path, a.fp_custom, a.fp_error, a.fp_info = {}, {}, {}, {}, {}
+    a.fp_scratch = scratch
+    if "fastproxy" in a.only:
+        a.fp_custom["fastproxy"] = bool(a.fastproxy_cmd)
+        a.fp_cmd["fastproxy"] = shlex.split(a.fastproxy_cmd) if a.fastproxy_cmd else [PY, "-m", "fastproxy"]
+        a.fp_path["fastproxy"] = REPO  # (also with --fastproxy-cmd, as always)
+    if "fastproxy-awslc" in a.only:
+        name = "fastproxy-awslc"
+        a.fp_custom[name] = bool(a.fastproxy_awslc_cmd)
+        a.fp_cmd[name] = shlex.split(a.fastproxy_awslc_cmd) if a.fastproxy_awslc_cmd else [PY, "-m", "fastproxy"]
+        a.fp_path[name] = None
+        if not a.fastproxy_awslc_cmd:
+            try:
+                build, info = awslc_build()
+                a.fp_path[name] = awslc_run_tree(build, os.path.join(scratch, "fastproxy-awslc"))
+                a.fp_info[name] = info
+            except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+                a.fp_error[name] = f"no AWS-LC build: {e}"
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -1203,7 +1417,7 @@ def run(a: argparse.Namespace) -> dict:
     proxies = []
     skipped = {}
     for name in a.only:
-        why = available(name, a.fastproxy_cmd)
+        why = available(name, a)
         if why:
             skipped[name] = why
             log(f"skipping {name}: {why}")
@@ -1212,33 +1426,38 @@ def run(a: argparse.Namespace) -> dict:
     if not proxies:
         raise BenchError("no proxy to benchmark")
     b = Bench(a)
+    fp_main = next((p for p in FASTPROXIES if p in proxies), None)
+    if fp_main is not None:
+        b.fp_main = fp_main
+        b.pp_variants = (fp_main, f"{fp_main}+v2-ssl-cn")
     results: list[dict] = []
     try:
-        if set(a.scenarios) & {"msg64", "msg1k", "idle", "silent", "latency", "connect", "wss"}:
+        if set(a.scenarios) & {"msg64", "msg1k", "qos1", "idle", "silent", "latency", "connect", "wss"}:
             b.start_broker()
         if "wss" in a.scenarios and set(proxies) & set(PEERS):
             b.start_ws_broker()
         if "bulk" in a.scenarios:
             b.start_sink()
         if "connect-pp" in a.scenarios:
-            if "fastproxy" in proxies:
+            if fp_main is not None:
                 b.start_fake_broker()
             else:
                 b.notes.append("connect-pp skipped: it measures fastproxy only")
         if "pool" in a.scenarios:
-            if "fastproxy" in proxies:
+            if fp_main is not None:
                 b.start_pool_brokers()
             else:
                 b.notes.append("pool skipped: it measures fastproxy only")
         runners: dict[str, Callable[[str], dict]] = {
             "msg64": lambda p: b.run_msg(p, 64),
             "msg1k": lambda p: b.run_msg(p, 1024),
+            "qos1": b.run_qos1,
             "bulk": b.run_bulk,
             "idle": b.run_idle,
             "silent": b.run_silent,
             "latency": b.run_latency,
             "connect": b.run_connect,
-            "connect-pp": lambda v: b.run_connect("fastproxy", pp_variant=v),
+            "connect-pp": lambda v: b.run_connect(b.fp_main, pp_variant=v),
             "pool": b.run_pool,
             "wss": b.run_wss,
         }
@@ -1261,12 +1480,13 @@ def run(a: argparse.Namespace) -> dict:
                 extra = ["direct"] if sc in ("latency",) or (sc.startswith("msg") and a.direct) else []
                 sc_order = order
                 if sc == "connect-pp":
-                    if "fastproxy" not in proxies:
+                    if fp_main is None:
                         continue
-                    j = (rnd - 1) % len(PP_VARIANTS)
-                    sc_order = list(PP_VARIANTS[j:] + PP_VARIANTS[:j])
+                    ppv = b.pp_variants
+                    j = (rnd - 1) % len(ppv)
+                    sc_order = list(ppv[j:] + ppv[:j])
                 if sc == "pool":
-                    if "fastproxy" not in proxies:
+                    if fp_main is None:
                         continue
                     pv = pool_variants(a.pool_size)
                     j = (rnd - 1) % len(pv)
@@ -1279,12 +1499,14 @@ def run(a: argparse.Namespace) -> dict:
                         res = {"error": f"{type(e).__name__}: {e}"}
                     res["wall_s"] = round(time.monotonic() - t0, 3)
                     results.append({"round": rnd, "scenario": sc, "proxy": p, **res})
-                    log(f"  {sc:8} {p:10} {_brief(sc, res)}")
+                    log(f"  {sc:8} {p:15} {_brief(sc, res)}")
     finally:
         stop_and_clean(b.procs, b.tmp, a.keep_tmp)
     return {"proxies": proxies, "skipped": skipped, "results": results, "notes": b.notes,
             "background_busy": b.background,
             "pool_variants": list(pool_variants(a.pool_size)) if "pool" in a.scenarios else [],
+            "pool_build": fp_main if "pool" in a.scenarios else None,
+            "pp_variants": list(b.pp_variants) if "connect-pp" in a.scenarios else [],
             "silent_conns": a.silent_conns if "silent" in a.scenarios else None,
             "wss_client": a.wss_client if "wss" in a.scenarios else None,
             "wss_size": a.wss_size if "wss" in a.scenarios else None,
@@ -1294,7 +1516,7 @@ def run(a: argparse.Namespace) -> dict:
 def _brief(sc: str, r: dict) -> str:
     if "error" in r:
         return "ERROR " + r["error"]
-    if sc.startswith("msg"):
+    if sc.startswith("msg") or sc == "qos1":
         s = f"{r.get('count')}/{r.get('expected')} msgs, {r.get('msgs_per_s') or 0:,.0f} msg/s"
         if "cpu_us_per_msg" in r:
             s += f", {r['cpu_us_per_msg']:.3f} µs/msg (cpu {r['cpu_s']:.3f}s)"
@@ -1381,17 +1603,23 @@ def summarize(out: dict) -> dict:
             for p, v in vals.items():
                 if p != "direct" and v > 0:
                     ratios[p] = v / peers[best_name]
-        verdict = None
-        if m.target and "fastproxy" in vals:
+        # the target, for each fastproxy build (against the peers only, never against the other build)
+        verdicts: dict[str, bool] = {}
+        if m.target:
             kind, k = m.target
-            if kind == "abs":
-                verdict = vals["fastproxy"] <= k
-            elif best_name is not None:
-                verdict = vals["fastproxy"] <= k * peers[best_name]
+            for fp in FASTPROXIES:
+                if fp not in vals:
+                    continue
+                if kind == "abs":
+                    verdicts[fp] = vals[fp] <= k
+                elif best_name is not None:
+                    verdicts[fp] = vals[fp] <= k * peers[best_name]
         summary[f"{m.scenario}.{m.key}"] = {
             "label": m.label, "unit": m.unit, "lower_is_better": m.lower_is_better, "median": vals,
             "spread": spread, "best_peer": best_name, "ratio_to_best_peer": ratios,
-            "target": _target_text(m), "meets_target": verdict,
+            "target": _target_text(m),
+            "meets_target": verdicts.get("fastproxy"),  # the `fastproxy` column (as before the second build)
+            "meets_target_by_proxy": verdicts,  # every fastproxy column
         }
     # raw latency medians too (not ratioed)
     for key in ("p50_us", "p99_us"):
@@ -1418,11 +1646,12 @@ def summarize(out: dict) -> dict:
         summary["silent.device"] = {"label": "device served (mosquitto_pub -q 1, mTLS) while the silent sockets "
                                              "were held", "per_proxy": dev}
     # connect-pp: fastproxy without / with --proxy-protocol v2-ssl-cn, same workload, same fake broker
-    base, pp = PP_VARIANTS
-    rows = {v: by.get(("connect-pp", v), []) for v in PP_VARIANTS}
+    ppvs = tuple(out.get("pp_variants") or PP_VARIANTS)
+    base, pp = ppvs
+    rows = {v: by.get(("connect-pp", v), []) for v in ppvs}
     if rows[base] and rows[pp]:
         pp_sum: dict = {"variants": {}}
-        for v in PP_VARIANTS:
+        for v in ppvs:
             xs = [r["cpu_ms_per_conn"] for r in rows[v] if r.get("cpu_ms_per_conn") is not None]
             rs = [r["conns_per_s"] for r in rows[v] if r.get("conns_per_s") is not None]
             pp_sum["variants"][v] = {"cpu_ms_per_conn": median(xs), "cpu_min": min(xs), "cpu_max": max(xs),
@@ -1441,6 +1670,7 @@ def summarize(out: dict) -> dict:
         pp_sum["pp_v2_header_bytes"] = median(hdr_bytes)
         pp_sum["target"] = "< 2 %"
         pp_sum["meets_target"] = pp_sum["cpu_diff_pct"] is not None and pp_sum["cpu_diff_pct"] < 2.0
+        pp_sum["base"], pp_sum["with_pp"] = base, pp
         summary["connect-pp"] = pp_sum
     # pool: fastproxy with 1 upstream broker vs a pool of N, same clients and messages
     pv = out.get("pool_variants") or []
@@ -1485,8 +1715,12 @@ def print_table(out: dict, summary: dict) -> None:
     has_direct = any("direct" in s.get("median", {}) for s in summary.values())
     if not has_direct:
         cols.remove("direct")
-    w0, w = 50, 18
-    hdr = f"{'figure':<{w0}}" + "".join(f"{c:>{w}}" for c in cols) + f"  {'target (fastproxy)':<22}"
+    w = 18
+    w0 = max([50] + [len(f"{m.label} [{m.unit}]") + 1 for m in METRICS
+                     if summary.get(f"{m.scenario}.{m.key}", {}).get("median")])
+    fps = [p for p in FASTPROXIES if p in cols]
+    hdr = (f"{'figure':<{w0}}" + "".join(f"{c:>{w}}" for c in cols)
+           + f"  target, verdict ({' / '.join(fps) or 'fastproxy'})")
     print()
     print(hdr)
     print("-" * len(hdr))
@@ -1508,8 +1742,9 @@ def print_table(out: dict, summary: dict) -> None:
         verdict = ""
         if s["target"]:
             verdict = s["target"]
-            if s["meets_target"] is not None:
-                verdict += "  " + ("PASS" if s["meets_target"] else "FAIL")
+            by_fp = s.get("meets_target_by_proxy") or {}
+            if by_fp:
+                verdict += "  " + " / ".join(("PASS" if by_fp[p] else "FAIL") if p in by_fp else "-" for p in fps)
         print(f"{m.label + ' [' + m.unit + ']':<{w0}}" + "".join(cells) + f"  {verdict}")
     for key in ("latency.p50_us", "latency.p99_us"):
         s = summary.get(key)
@@ -1519,6 +1754,11 @@ def print_table(out: dict, summary: dict) -> None:
             print(f"{s['label'] + ' [µs]':<{w0}}" + "".join(cells))
     print()
     print("(x) = ratio to the best peer (the better of HAProxy / nginx) for that figure; medians over rounds.")
+    if len(fps) > 1:
+        print(f"{' and '.join(fps)}: each compared with the peers (ratios, verdicts), not with each other.")
+    for p, tls in (out.get("fastproxy_tls") or {}).items():
+        if p in cols:
+            print(f"{p}: {tls}")
     if summary.get("connect.cpu_ms_per_conn", {}).get("median"):
         print("connect rows: (x) = ratio to HAProxy (the only peer doing the same job: verify required + ClientId == CN);"
               "\n  nginx there is a plain mTLS reference (no MQTT parsing, no ClientId check), not the same job.")
@@ -1541,13 +1781,13 @@ def print_table(out: dict, summary: dict) -> None:
               f"sockets were held: {cells}")
     pp = summary.get("connect-pp")
     if pp:
-        base, ppv = PP_VARIANTS
+        base, ppv = pp["base"], pp["with_pp"]
         v0, v1 = pp["variants"][base], pp["variants"][ppv]
-        print("\nconnect-pp (fastproxy alone, upstream = fake broker that skips PROXY headers; medians over rounds)")
-        print(f"{'variant':<28}{'CPU [ms/conn]':>16}{'min..max':>18}{'conn/s':>10}")
+        print(f"\nconnect-pp ({base} alone, upstream = fake broker that skips PROXY headers; medians over rounds)")
+        print(f"{'variant':<34}{'CPU [ms/conn]':>16}{'min..max':>18}{'conn/s':>10}")
         for name, v in ((base + " (no PROXY)", v0), (ppv, v1)):
             rng = f"{v['cpu_min']:.3f}..{v['cpu_max']:.3f}"
-            print(f"{name:<28}{v['cpu_ms_per_conn']:>16.3f}{rng:>18}{v['conns_per_s']:>10,.0f}")
+            print(f"{name:<34}{v['cpu_ms_per_conn']:>16.3f}{rng:>18}{v['conns_per_s']:>10,.0f}")
         per_round = ", ".join(f"{x:+.1f}" for x in pp["cpu_diff_pct_per_round"])
         verdict = "PASS" if pp["meets_target"] else "FAIL"
         print(f"v2-ssl-cn CPU difference per connection: {pp['cpu_diff_pct']:+.2f} % (ratio of medians; "
@@ -1557,7 +1797,8 @@ def print_table(out: dict, summary: dict) -> None:
     ps = summary.get("pool")
     if ps:
         one, many = out["pool_variants"]
-        print(f"\npool (fastproxy alone, the same clients and messages; upstream 1 broker vs {many.split('=')[1]} "
+        print(f"\npool ({out.get('pool_build') or 'fastproxy'} alone, the same clients and messages; upstream 1 broker "
+              f"vs {many.split('=')[1]} "
               "brokers, clientid balance; medians over rounds)")
         print(f"{'variant':<16}{'CPU [µs/msg]':>14}{'min..max':>18}{'msg/s':>10}  messages per broker (per round)")
         for v in (one, many):
@@ -1594,7 +1835,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--quick 500)")
     p.add_argument("--latency-seconds", type=float, help="seconds per latency run (default 5; --quick 2)")
     p.add_argument("--latency-rate", type=float, default=1000, help="messages/s in the latency run (default 1000)")
-    p.add_argument("--only", default=",".join(PROXIES), help="comma list of: " + ",".join(PROXIES))
+    p.add_argument("--only", default=",".join(DEFAULT_PROXIES),
+                   help="comma list of: " + ",".join(PROXIES) + " (default: " + ",".join(DEFAULT_PROXIES) + ")")
     p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
                    help="comma list of: " + ",".join(SCENARIOS) + " (default: " + ",".join(DEFAULT_SCENARIOS) + ")")
     p.add_argument("--connect-conns", type=int,
@@ -1628,6 +1870,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"the one TLS 1.3 cipher suite every proxy is configured with (default {TLS13_SUITE}; "
                         "TLS_CHACHA20_POLY1305_SHA256 on CPUs without AES instructions, e.g. Raspberry Pi 4)")
     p.add_argument("--fastproxy-cmd", help="command that runs fastproxy (default: python3 -m fastproxy from the repo)")
+    p.add_argument("--fastproxy-awslc-cmd",
+                   help="command that runs the fastproxy-awslc column (default: python3 -m fastproxy from an AWS-LC "
+                        "build of the checkout's current sources, made in $FASTPROXY_CACHE/e2e-awslc (default "
+                        "~/.cache/fastproxy) when these sources have none; scripts/build-awslc provides AWS-LC)")
     p.add_argument("--step-timeout", type=float, default=180, help="bound for any single measurement step (s)")
     p.add_argument("--time-budget", type=float, default=900,
                    help="no new round starts after this many seconds (default 900)")
@@ -1687,12 +1933,58 @@ def find_mosquitto21(prefix: str | None) -> tuple[str, str]:
     return sbin, pub
 
 
+def _sources_newer_than_build() -> list[str]:
+    """ext/ sources and setup.py modified after the oldest compiled module of the in-place build
+    (then the `fastproxy` column may run older code than an AWS-LC build made from the sources now)."""
+    mods = [os.path.join(REPO, "fastproxy", f) for f in os.listdir(os.path.join(REPO, "fastproxy")) if f.endswith(".so")]
+    if not mods:
+        return []
+    oldest = min(os.path.getmtime(f) for f in mods)
+    try:
+        files = _tree_files()
+    except BenchError:
+        return []
+    return [f for f in files if (f.startswith("ext/") or f == "setup.py")
+            and os.path.getmtime(os.path.join(REPO, f)) > oldest]
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     sigterm_as_interrupt()
+    scratch = tempfile.mkdtemp(prefix="fastproxy-e2e-builds-")
+    try:
+        return _main(a, scratch)
+    finally:
+        if a.keep_tmp:
+            log(f"kept {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _main(a: argparse.Namespace, scratch: str) -> int:
+    try:
+        prepare_fastproxies(a, scratch)  # may build fastproxy-awslc first (minutes)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
     env = environment()
-    if "fastproxy" in a.only:
-        env["fastproxy"] = _fastproxy_build(a.fastproxy_cmd)
+    fp_notes = []
+    for name in FASTPROXIES:
+        if name in a.only and name not in a.fp_error:
+            env[name] = _fastproxy_build(name, a)
+            log(f"{name}: {env[name]['tls'] or env[name]['version']} ({env[name]['command']}"
+                + (f", PYTHONPATH={a.fp_path[name]})" if a.fp_path[name] else ")"))
+    if "fastproxy-awslc" in env and "AWS-LC" not in (env["fastproxy-awslc"]["tls"] or ""):
+        fp_notes.append(f"fastproxy-awslc does not run on AWS-LC: {env['fastproxy-awslc']['tls']}")
+    if "fastproxy" in env and "fastproxy-awslc" in env and not a.fastproxy_cmd and not a.fastproxy_awslc_cmd:
+        newer = _sources_newer_than_build()
+        if newer:
+            env["fastproxy"]["sources_newer_than_build"] = newer
+            fp_notes.append(f"{len(newer)} file(s) under ext/ (or setup.py) are newer than the in-place build "
+                            f"({', '.join(newer[:4])}{', ...' if len(newer) > 4 else ''}): fastproxy may run older "
+                            "code than fastproxy-awslc, which was built from the sources as they are now")
+    for n in fp_notes:
+        log(f"note: {n}")
     log(f"{env['cpus']} CPU(s) {env['cpu']}, kernel {env['kernel']}; {env['haproxy']}; {env['nginx']}")
     try:
         out = run(a)
@@ -1702,16 +1994,20 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         log(f"error: {e}")
         return 1
-    if "fastproxy" in a.only and not a.fastproxy_cmd:
+    out["notes"][:0] = fp_notes
+    out["fastproxy_tls"] = {p: env[p]["tls"] for p in FASTPROXIES if p in env and env[p].get("tls")}
+    for name in FASTPROXIES:
+        if name not in env or a.fp_custom[name]:
+            continue
         # the in-place build can change under a long run (another job rebuilding the engine): then
         # fastproxy processes started before and after the rebuild measured different code
-        after = _fastproxy_build(a.fastproxy_cmd)["modules_mtime"]
-        if after != env["fastproxy"]["modules_mtime"]:
-            changed = {k: f"{env['fastproxy']['modules_mtime'].get(k)} -> {v}" for k, v in after.items()
-                       if env["fastproxy"]["modules_mtime"].get(k) != v}
-            out["notes"].append(f"fastproxy's compiled modules changed during the run ({changed}): "
+        after = _modules_mtime(a.fp_path[name])
+        before = env[name]["modules_mtime"]
+        if after != before:
+            changed = {k: f"{before.get(k)} -> {v}" for k, v in after.items() if before.get(k) != v}
+            out["notes"].append(f"{name}'s compiled modules changed during the run ({changed}): "
                                 "rounds before and after measured different builds")
-            env["fastproxy"]["modules_mtime_at_end"] = after
+            env[name]["modules_mtime_at_end"] = after
     summary = summarize(out)
     print_table(out, summary)
     if a.json:

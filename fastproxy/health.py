@@ -355,6 +355,11 @@ class HealthChecker:
         except OSError as e:
             sock.close()
             raise _CheckFailed(e.strerror or str(e)) from None
+        if addr.path is None and sock.getsockname()[:2] == sock.getpeername()[:2]:
+            # A loopback port with no listener, and the kernel picked that same port as our
+            # source: TCP's simultaneous open connects the socket to itself. Nothing listens.
+            sock.close()
+            raise _CheckFailed("connection refused (connected to itself)")
         return sock
 
     def _proxy_header(self, sock: socket.socket, target: CheckTarget) -> bytes:

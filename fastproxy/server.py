@@ -6,6 +6,7 @@ SO_REUSEPORT and run their own engine.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import resource
@@ -1107,6 +1108,10 @@ class _Master:
         for h in handlers:
             h.acquire()
         pid = -1
+        # The worker shares the master's pages (copy-on-write) only while nothing writes to
+        # them; the cyclic GC writes into every tracked object it scans. Frozen objects are
+        # left alone, so a worker's private memory is what it allocates itself.
+        gc.freeze()
         try:
             pid = os.fork()
         finally:

@@ -11,6 +11,9 @@ recording upstream where the PROXY header's bytes are the point.
 """
 from __future__ import annotations
 
+import socket
+import ssl
+
 import pytest
 
 import proxyutil as U
@@ -126,3 +129,40 @@ def test_unverified_certificate_is_never_forwarded_as_identity(certs, start_prox
     h = recorder.wait_connect(2).parsed
     assert h.ssl.client == pp.PP2_CLIENT_SSL | pp.PP2_CLIENT_CERT_CONN | pp.PP2_CLIENT_CERT_SESS, h.ssl
     assert (h.ssl.cn, h.ssl.verify) == ("thing001", 0), h.ssl
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_resumed_session_keeps_the_certificate_identity(certs, start_proxy, recorder, version):
+    """A device resuming its TLS session (a ticket) sends no certificate: its identity is the
+    one of the handshake it resumes, on both TLS libraries (AWS-LC keeps only the certificate's
+    hash, so fastproxy seals the certificate into its own tickets). --require-clientid-cn
+    accepts its ClientId and refuses another before the broker; the PROXY v2 CN TLV names it,
+    with CERT_SESS but not CERT_CONN (the certificate came with the session, as HAProxy says)."""
+    fp = start_proxy(recorder.upstream, "--client-ca", certs.ca_cert, "--require-clientid-cn",
+                     "--proxy-protocol", "v2-ssl-cn")
+    ctx = U.client_context(certs, min_version=version, max_version=version,
+                           cert=certs.client_cert, key=certs.client_key)
+
+    def session(cid: str, resume=None):
+        raw = socket.create_connection((U.HOST, fp.port), timeout=10)
+        s = ctx.wrap_socket(raw, server_hostname="localhost", session=resume)
+        try:
+            s.sendall(U.connect_packet(cid, keepalive=30))
+            ptype, _, body = U.read_packet(s)     # the TLS 1.3 ticket has arrived before it
+            return s.session, s.session_reused, body[1] if ptype == 2 else None
+        finally:
+            s.close()
+
+    first, reused, rc = session("thing001")
+    assert (reused, rc) == (False, 0)
+    _, reused, rc = session("thing001", first)
+    assert (reused, rc) == (True, 0)
+    _, reused, rc = session("thing002", first)
+    assert reused and rc == 0x02, rc          # 3.1.1: identifier rejected; nothing sent upstream
+    h1, h2 = recorder.wait_connect(1).parsed, recorder.wait_connect(2).parsed
+    full = pp.PP2_CLIENT_SSL | pp.PP2_CLIENT_CERT_CONN | pp.PP2_CLIENT_CERT_SESS
+    assert (h1.ssl.client, h1.ssl.cn, h1.ssl.verify) == (full, "thing001", 0), h1.ssl
+    assert (h2.ssl.client, h2.ssl.cn, h2.ssl.verify) == (full & ~pp.PP2_CLIENT_CERT_CONN, "thing001", 0), h2.ssl
+    assert recorder.connection_count() == 2
+    entries = fp.wait_access(n=3)
+    assert [e.cn for e in entries] == ["thing001"] * 3, [e.raw for e in entries]

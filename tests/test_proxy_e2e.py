@@ -37,6 +37,7 @@ from recorder import Recorder
 pp = pytest.importorskip("fastproxy.proxy_protocol")
 pytest.importorskip("fastproxy._proxyproto", reason="compiled module not built")
 pytest.importorskip("fastproxy._engine", reason="compiled engine not built")
+_tls = pytest.importorskip("fastproxy._tls")
 
 HOST = U.HOST
 PUB_SRC = "127.0.0.5"     # mosquitto_pub / raw clients bind here
@@ -406,6 +407,16 @@ backend be
     # field by field, TLV by TLV
     d_h, d_f = describe(hh), describe(hf)
     v_h, v_f = d_h.pop("ssl.verify"), d_f.pop("ssl.verify")
+    if "ssl-cipher" in options:
+        # Each names the suite its own client negotiated. With OpenSSL both pick the same from
+        # the same list; AWS-LC orders the TLS 1.2 suites of "HIGH" its own way (AES-128 first).
+        for d, sess in ((d_h, s_h), (d_f, s_f)):
+            tlvs = d["ssl sub-tlvs (wire order)"]
+            i = [t for t, _ in tlvs].index(pp.PP2_SUBTYPE_SSL_CIPHER)
+            assert tlvs[i][1] == sess.cipher.encode()
+            tlvs[i] = (tlvs[i][0], b"<negotiated>")
+        if _tls.tls_library()[0] == "OpenSSL":
+            assert s_h.cipher == s_f.cipher
     assert d_h == d_f, f"HAProxy {d_h}\nfastproxy {d_f}"
     if with_cert:
         assert v_h == v_f == 0

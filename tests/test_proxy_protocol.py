@@ -849,6 +849,7 @@ int main(int argc, char **argv)
     BIO *b1, *b2;
     pp2_info info;
     pp2_ssl_scratch scratch;
+    fp_peer peer;
     uint8_t out[600];
     int i, n, done_c = 0, done_s = 0;
 
@@ -886,7 +887,10 @@ int main(int argc, char **argv)
     info.src_port = 1234;
     info.dst_port = 8883;
     info.flags |= PP2_F_CRC32C;
-    pp2_info_set_ssl(&info, s, PP2_WANT_ALPN | PP2_WANT_AUTHORITY | PP2_WANT_SSL | PP2_WANT_CN |
+    fp_peer_init(&peer);
+    fp_peer_after_handshake(&peer, s);     /* the engine's copy of the client certificate */
+    pp2_info_set_ssl(&info, s, &peer, SSL_get_verify_result(s),
+                     PP2_WANT_ALPN | PP2_WANT_AUTHORITY | PP2_WANT_SSL | PP2_WANT_CN |
                      PP2_WANT_KEY_ALG | PP2_WANT_SIG_ALG | PP2_WANT_CIPHER, &scratch);
     n = pp2_build(&info, out, sizeof(out));
     if (n < 0) return 6;

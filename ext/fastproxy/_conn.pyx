@@ -37,6 +37,7 @@ cdef void conn_end(Core* e, Conn* c, int reason, int err) noexcept nogil:
         ERR_clear_error()
         SSL_free(c.cl.ssl)          # frees our BIO too
         c.cl.ssl = NULL
+    fp_peer_clear(&c.cert)
     side_release_input(&c.cl)
     if c.cl.fd >= 0:
         discard_input(c.cl.fd)

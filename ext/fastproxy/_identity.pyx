@@ -239,7 +239,7 @@ cdef int _identity_check(Conn* c, mqtt_connect* mc, unsigned checks) noexcept no
     """The built-in identity rules, in C so they cost no Python call: ClientId and/or
     username must equal the verified client certificate's CN, byte for byte. Returns 0, or
     the MQTT 5 reason code of the refusal (c.detail_static says why)."""
-    cdef unsigned char* cn = NULL
+    cdef const unsigned char* cn = NULL
     cdef int n, rc = 0
     n = verified_cn(c, &cn)
     if n == FP_CN_MANY:
@@ -256,7 +256,6 @@ cdef int _identity_check(Conn* c, mqtt_connect* mc, unsigned checks) noexcept no
                                          or memcmp(mc.username.ptr, cn, n) != 0):
         c.detail_static = b"username does not match certificate CN"
         rc = 0x87
-    OPENSSL_free(cn)
     return rc
 
 

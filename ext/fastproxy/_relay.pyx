@@ -11,7 +11,7 @@ from openssl cimport *
 from fastproxy._defs cimport *
 from fastproxy._types cimport Core, Conn, Side, Dir
 from fastproxy._bufpool cimport dir_alloc, dir_release, pipe_get, pipe_put
-from fastproxy._transport cimport side_has_input, side_read, side_write, side_shutdown_write
+from fastproxy._transport cimport side_has_input, side_read, side_write, side_shutdown_write, peer_release
 from fastproxy._conn cimport conn_end
 from fastproxy._wscodec cimport (client_read, client_has_input, ws_place_control, ws_frame_payload,
                                  ws_send_close, ws_drop_101, ws_release_held)
@@ -22,6 +22,7 @@ cdef void relay_start(Core* e, Conn* c) noexcept nogil:
         e.upstreams[c.upstream].consec_fails = 0
     c.state = ST_RELAY
     c.deadline_ms = 0
+    peer_release(c)         # policy and the PROXY header are done with the certificate's DER
     c.active_ms = e.now
     c.cl_active_ms = c.up_active_ms = e.now
     # Optimistic readiness: bytes may already wait in the kernel (or in OpenSSL, read
@@ -172,7 +173,9 @@ cdef int _read_in(Core* e, Conn* c, Side* src, Dir* d, bint c2u) noexcept nogil:
                 c.cl_active_ms = e.now
             else:
                 c.up_active_ms = e.now
-            if not src.readable:
+            # A TLS read returns one record; the rest of what one recv brought (records in
+            # our BIO buffer or OpenSSL's) is read too, so that the burst leaves in one write.
+            if not (client_has_input(c) if c2u else side_has_input(src)):
                 break
         elif n == IO_EOF:
             src.eof = 1

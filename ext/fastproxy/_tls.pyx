@@ -11,6 +11,11 @@ from openssl cimport *
 
 from fastproxy.errors import TLSConfigError
 
+# The context's identity settings (ext/src/tls_context.h): AWS-LC keeps only the client
+# certificate's hash and its tickets are sealed here with the certificate inside.
+cdef extern from "tls_context.h" nogil:
+    int fp_ctx_setup_identity(SSL_CTX* ctx, int client_certs)
+
 cdef const char* CAPSULE_NAME = b"fastproxy.SSL_CTX"
 # ALPN protocol list in wire format (length-prefixed): MQTT's registered id.
 cdef const unsigned char* ALPN_MQTT = b"\x04mqtt"
@@ -22,9 +27,17 @@ cdef int _no_password(char* buf, int size, int rwflag, void* userdata) noexcept 
     return 0
 
 
+cdef int _verify_required(int ok, X509_STORE_CTX* ctx) noexcept nogil:
+    # The chain's verdict stands; the certificate is taken here (tls_peer.h), because with
+    # AWS-LC the library keeps only its SHA-256 after the handshake.
+    fp_peer_on_verify(ctx)
+    return ok
+
+
 cdef int _verify_optional(int ok, X509_STORE_CTX* ctx) noexcept nogil:
     # `verify optional`: finish the handshake whatever the chain says; the result is kept in
     # SSL_get_verify_result for policy to decide.
+    fp_peer_on_verify(ctx)
     return 1
 
 
@@ -264,10 +277,14 @@ cdef class TLSContext:
             mode = SSL_VERIFY_PEER
             if verify == "required":
                 mode |= SSL_VERIFY_FAIL_IF_NO_PEER_CERT
-                SSL_CTX_set_verify(ctx, mode, NULL)
+                SSL_CTX_set_verify(ctx, mode, _verify_required)
             else:
                 SSL_CTX_set_verify(ctx, mode, _verify_optional)
             SSL_CTX_set_verify_depth(ctx, verify_depth)
+            # AWS-LC: keep only the certificate's SHA-256 after the handshake, and seal
+            # tickets ourselves with the certificate inside (tls_peer.h); OpenSSL: nothing.
+            if fp_ctx_setup_identity(ctx, 1) != 0:
+                raise MemoryError(_last_error())
 
     cdef _load_client_ca(self, str path):
         import os

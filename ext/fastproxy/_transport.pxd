@@ -145,8 +145,10 @@ cdef inline void discard_input(int fd) noexcept nogil:
 
 cdef int tls_start(Core* e, Conn* c, SSL_CTX* ctx) noexcept nogil
 cdef int tls_handshake(Core* e, Conn* c) noexcept nogil
-cdef int verified_cn(Conn* c, unsigned char** out) noexcept nogil
+cdef int verified_cn(Conn* c, const unsigned char** out) noexcept nogil
 cdef object peer_cn(Conn* c)
 cdef object peer_der(Conn* c)
 cdef bint peer_verified(Conn* c)
+cdef bint peer_is_verified(Conn* c) noexcept nogil
+cdef void peer_release(Conn* c) noexcept nogil
 cdef object tls_version(Conn* c)

@@ -119,11 +119,14 @@ cdef int tls_start(Core* e, Conn* c, SSL_CTX* ctx) noexcept nogil:
     """Give the client side an SSL object in server mode over our BIO. Returns 0, or -1 without
     memory (nothing to free: the caller ends c)."""
     cdef BIO* bio
+    fp_peer_init(&c.cert)
     c.cl.ssl = SSL_new(ctx)
     bio = BIO_new(SIDE_BIO) if c.cl.ssl != NULL else NULL
     if bio == NULL:
         ERR_clear_error()
         return -1
+    SSL_set_app_data(c.cl.ssl, &c.cert)    # where the verify callback and ticket opener put the certificate
+    fp_ssl_setup(c.cl.ssl)
     BIO_set_data(bio, &c.cl)
     SSL_set_bio(c.cl.ssl, bio, bio)
     SSL_set_accept_state(c.cl.ssl)
@@ -138,6 +141,7 @@ cdef int tls_handshake(Core* e, Conn* c) noexcept nogil:
     if r == 1:
         c.handshake_done = 1
         e.ctr.handshakes += 1
+        fp_peer_after_handshake(&c.cert, c.cl.ssl)
         return 1
     err = SSL_get_error(c.cl.ssl, r)
     if err == SSL_ERROR_WANT_READ:
@@ -154,74 +158,48 @@ cdef int tls_handshake(Core* e, Conn* c) noexcept nogil:
     return -1
 
 
-cdef int verified_cn(Conn* c, unsigned char** out) noexcept nogil:
-    """The subject CN of the verified client certificate as UTF-8 in *out (OPENSSL_free it);
-    -1 without a verified certificate or a CN; FP_CN_MANY (-2) when the subject has several CNs
-    (ambiguous: no identity). The CN reader is fp_subject_cn, shared with the PROXY header
-    and policy's PeerCertificate.cn."""
-    cdef X509* cert
-    cdef ASN1_STRING* d = NULL
-    cdef int n = -1, k
+cdef int verified_cn(Conn* c, const unsigned char** out) noexcept nogil:
+    """The subject CN of the verified client certificate as UTF-8 in *out (owned by c, valid
+    while c lives); -1 without a verified certificate or a CN; FP_CN_MANY (-2) when the subject
+    has several CNs (ambiguous: no identity). Taken by fp_subject_cn, the reader shared with the
+    PROXY header and policy's PeerCertificate.cn."""
+    if not peer_is_verified(c) or c.cert.cn_len < 0:
+        return FP_CN_MANY if c.cert.cn_len == FP_CN_MANY and peer_is_verified(c) else -1
+    out[0] = c.cert.cn + c.cert.cn_raw_len + 1
+    return c.cert.cn_len
+
+
+cdef bint peer_is_verified(Conn* c) noexcept nogil:
     # Only a verified certificate is an identity: with `verify optional` a self-signed
     # "thing001" completes the handshake but must not be logged (or trusted) as thing001.
-    if c.cl.ssl == NULL or not c.handshake_done or SSL_get_verify_result(c.cl.ssl) != X509_V_OK:
-        return -1
-    cert = SSL_get1_peer_certificate(c.cl.ssl)
-    if cert == NULL:
-        return -1
-    k = fp_subject_cn(cert, &d)
-    if k == FP_CN_ONE:
-        n = ASN1_STRING_to_UTF8(out, d)
-        if n < 0:
-            ERR_clear_error()
-    elif k == FP_CN_MANY:
-        n = FP_CN_MANY
-    X509_free(cert)
-    return n
+    return (c.cl.ssl != NULL and c.handshake_done and c.cert.presented
+            and SSL_get_verify_result(c.cl.ssl) == X509_V_OK)
 
 
 cdef object peer_cn(Conn* c):
-    """The verified client certificate's CN (str) or None; read from the SSL object at the end
-    of the session, so a connection stores nothing for it."""
-    cdef unsigned char* cn = NULL
+    """The verified client certificate's CN (str) or None."""
+    cdef const unsigned char* cn = NULL
     cdef int n = verified_cn(c, &cn)
     if n < 0:
         return None
-    try:
-        return cn[:n].decode("utf-8", "replace")
-    finally:
-        OPENSSL_free(cn)
+    return cn[:n].decode("utf-8", "replace")
 
 
 cdef object peer_der(Conn* c):
-    """The client certificate (DER) or None; decoded in Python only when policy asks."""
-    cdef X509* cert
-    cdef unsigned char* der = NULL
-    cdef int n
-    if c.cl.ssl == NULL:
+    """The client certificate (DER) or None; decoded in Python only when policy asks. Kept until
+    the relay starts (peer_release)."""
+    if c.cl.ssl == NULL or not c.cert.presented or c.cert.der == NULL:
         return None
-    cert = SSL_get1_peer_certificate(c.cl.ssl)
-    if cert == NULL:
-        return None
-    n = i2d_X509(cert, &der)
-    X509_free(cert)
-    if n <= 0:
-        ERR_clear_error()
-        return None
-    out = der[:n]
-    OPENSSL_free(der)
-    return out
+    return c.cert.der[:c.cert.der_len]
 
 
 cdef bint peer_verified(Conn* c):
-    cdef X509* cert
-    if c.cl.ssl == NULL:
-        return False
-    cert = SSL_get1_peer_certificate(c.cl.ssl)
-    if cert == NULL:
-        return False
-    X509_free(cert)
-    return SSL_get_verify_result(c.cl.ssl) == X509_V_OK
+    return peer_is_verified(c)
+
+
+cdef void peer_release(Conn* c) noexcept nogil:
+    """The relay starts: from here on only the CN is needed (access log)."""
+    fp_peer_drop_der(&c.cert)
 
 
 cdef object tls_version(Conn* c):

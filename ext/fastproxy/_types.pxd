@@ -3,7 +3,7 @@
 # Declarations only (HAProxy keeps its types apart from code the same way, in -t.h headers).
 from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
 from system cimport sockaddr_storage, socklen_t
-from openssl cimport SSL, SSL_CTX
+from openssl cimport SSL, SSL_CTX, fp_peer
 from admission cimport fp_adm_entry, fp_adm_table
 from ws cimport ws_decoder
 from fastproxy._defs cimport *
@@ -104,6 +104,7 @@ cdef struct Conn:
     uint32_t connect_total  # CONNECT length once its fixed header is known, 0 before
     uint8_t has_pp_dst      # a received PROXY header named the address the client reached
     sockaddr_storage pp_dst
+    fp_peer cert            # the client certificate (tls_peer.h): CN for the session, DER until the relay
     Side cl
     Side up
     Dir c2u

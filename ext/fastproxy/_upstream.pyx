@@ -2,7 +2,7 @@
 """The upstream stage: choose the server (balance, health, maxconn), connect (source addresses,
 retry on the next server), and put the PROXY header in front of the first bytes."""
 from libc.stdlib cimport malloc
-from libc.string cimport memset, memcpy, memmove
+from libc.string cimport memset, memcpy, memmove, memcmp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from system cimport *
 from openssl cimport *
@@ -43,7 +43,7 @@ cdef void upstream_connect(Core* e, Conn* c) noexcept nogil:
     c.counted = 1
     err = _open_upstream(e, c, u)
     if err == 0:
-        relay_start(e, c)
+        upstream_connected(e, c)
     elif err == EINPROGRESS:
         c.state = ST_CONNECTING
         c.deadline_ms = e.now + l.connect_timeout_ms if l.connect_timeout_ms > 0 else 0
@@ -118,7 +118,24 @@ cdef void upstream_connected(Core* e, Conn* c) noexcept nogil:
     if err != 0:
         upstream_failed(e, c, _connect_reason(err), err)
         return
+    if _self_connected(e, c):
+        upstream_failed(e, c, R_UPSTREAM_REFUSED, ECONNREFUSED)
+        return
     relay_start(e, c)
+
+
+cdef bint _self_connected(Core* e, Conn* c) noexcept nogil:
+    """A TCP connect to a loopback port with no listener can succeed against itself (the
+    kernel gave the same port as the source: simultaneous open). Then the client's CONNECT
+    would come back as the broker's answer; it is a refused connect."""
+    cdef Upstream* u = &e.upstreams[c.upstream]
+    cdef sockaddr_storage local
+    cdef socklen_t llen = sizeof(sockaddr_storage)
+    if u.family != AF_INET and u.family != AF_INET6:
+        return False
+    if getsockname(c.up.fd, <sockaddr*>&local, &llen) < 0 or llen != u.addr_len:
+        return False
+    return memcmp(&local, &u.addr, llen) == 0
 
 
 cdef void upstream_failed(Core* e, Conn* c, int reason, int err) noexcept nogil:
@@ -216,7 +233,7 @@ cdef int _proxy_header(Core* e, Conn* c, int mode) noexcept nogil:
             want |= PP2_WANT_SSL
         if mode == PP_V2_SSL_CN:
             want |= PP2_WANT_CN
-        if pp2_info_set_ssl(&info, c.cl.ssl, want, &scratch) < 0:
+        if pp2_info_set_ssl(&info, c.cl.ssl, &c.cert, SSL_get_verify_result(c.cl.ssl), want, &scratch) < 0:
             # "CN=admin, CN=thing001": which one a receiver takes is its choice, not ours.
             ERR_clear_error()
             c.detail_static = b"client certificate has more than one CN"

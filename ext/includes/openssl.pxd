@@ -189,6 +189,24 @@ cdef extern from "x509_cn.h" nogil:
     int FP_CN_ONE, FP_CN_NONE, FP_CN_MANY
     int fp_subject_cn(X509* cert, ASN1_STRING** out)
 
+# The client certificate as the engine keeps it, on both libraries (ext/src/tls_peer.h).
+cdef extern from "tls_peer.h" nogil:
+    ctypedef struct fp_peer:
+        unsigned char* der
+        unsigned char* cn
+        int der_len
+        int cn_raw_len
+        int cn_len
+        unsigned char presented
+        unsigned char from_ticket
+    void fp_peer_init(fp_peer* p)
+    void fp_peer_clear(fp_peer* p)
+    void fp_peer_drop_der(fp_peer* p)
+    void fp_peer_on_verify(X509_STORE_CTX* x)
+    void fp_peer_after_handshake(fp_peer* p, SSL* ssl)
+    void fp_ssl_setup(SSL* ssl)
+    int SSL_set_app_data(SSL* ssl, void* arg)
+
 cdef extern from "time.h" nogil:
     cdef struct tm:
         int tm_sec, tm_min, tm_hour, tm_mday, tm_mon, tm_year

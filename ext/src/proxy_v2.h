@@ -226,6 +226,8 @@ int pp_format_ipv6(const uint8_t a[16], char *out, size_t cap);
  * Compiled only where the includer defines PP2_WITH_OPENSSL before including this header
  * (the engine links OpenSSL; the _proxyproto module does not). Mirrors what HAProxy 2.6
  * derives for send-proxy-v2-ssl[-cn] + proxy-v2-options (src/connection.c, ssl_sock.c):
+ *   - the client certificate: `peer`, as the engine keeps it (tls_peer.h; with AWS-LC the
+ *     library keeps only its hash), and `verify_result`, SSL_get_verify_result()'s answer
  *   - client: PP2_CLIENT_SSL; + CERT_SESS when the session has a peer certificate;
  *             + CERT_CONN when that certificate was sent on this connection (not resumed)
  *   - verify: SSL_get_verify_result() when a peer certificate exists, else
@@ -234,13 +236,13 @@ int pp_format_ipv6(const uint8_t a[16], char *out, size_t cap);
  *   - CN: the PEER certificate's one subject commonName (fp_subject_cn), raw ASN.1 bytes;
  *     CERT_CONN, CERT_SESS and the CN only when that certificate was verified (HAProxy sets
  *     them for any certificate presented: our second deliberate difference)
- *   - key_alg / sig_alg: of the certificate WE presented (SSL_get_certificate), as HAProxy
+ *   - key_alg / sig_alg: of the certificate WE presented (the context's), as HAProxy
  *     does and as the spec says ("certificate presented by the frontend"):
  *     "RSA<bits>" / "EC<bits>" / "DSA<bits>", and OBJ_nid2sn() of the signature algorithm
  *     ("RSA-SHA256", "ecdsa-with-SHA256")
  *   - alpn: SSL_get0_alpn_selected(); authority: SSL_get_servername() (SNI)
  * `want` selects what is filled (PP2_WANT_*); strings point into OpenSSL objects owned by
- * `ssl` (or into *scratch) and stay valid until the SSL is freed. Returns 0, or -1 when the CN
+ * `ssl`, into `peer` or into *scratch, and stay valid until those are freed. Returns 0, or -1 when the CN
  * was wanted and the verified certificate has several (ambiguous: the caller refuses it). */
 
 #ifdef __cplusplus
@@ -256,7 +258,7 @@ int pp_format_ipv6(const uint8_t a[16], char *out, size_t cap);
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <openssl/objects.h>
-#include "x509_cn.h"
+#include "tls_peer.h"
 
 #define PP2_WANT_ALPN       0x01u
 #define PP2_WANT_AUTHORITY  0x02u
@@ -268,8 +270,8 @@ int pp_format_ipv6(const uint8_t a[16], char *out, size_t cap);
 
 typedef struct pp2_ssl_scratch { char key_alg[24]; } pp2_ssl_scratch;
 
-static inline int pp2_info_set_ssl(pp2_info *info, const SSL *ssl, unsigned want,
-                                   pp2_ssl_scratch *scratch)
+static inline int pp2_info_set_ssl(pp2_info *info, const SSL *ssl, const fp_peer *peer,
+                                   long verify_result, unsigned want, pp2_ssl_scratch *scratch)
 {
     const char *s;
     int ambiguous = 0;
@@ -287,8 +289,9 @@ static inline int pp2_info_set_ssl(pp2_info *info, const SSL *ssl, unsigned want
     if (!(want & (PP2_WANT_SSL | PP2_WANT_CN | PP2_WANT_KEY_ALG | PP2_WANT_SIG_ALG | PP2_WANT_CIPHER)))
         return 0;
     {
-        X509 *peer = SSL_get_peer_certificate(ssl);   /* +1 ref; the session keeps one too */
-        X509 *own = SSL_get_certificate(ssl);
+        /* Our certificate from the context: with AWS-LC the SSL sheds its own copy of the
+         * configuration after the handshake. */
+        X509 *own = SSL_CTX_get0_certificate(SSL_get_SSL_CTX(ssl));
         info->flags |= PP2_F_SSL;
         info->ssl_client = PP2_CLIENT_SSL;
         info->ssl_verify = PP2_VERIFY_NO_CERT;
@@ -296,30 +299,23 @@ static inline int pp2_info_set_ssl(pp2_info *info, const SSL *ssl, unsigned want
             info->ssl_version.ptr = (const uint8_t *)s;
             info->ssl_version.len = strlen(s);
         }
-        if (peer) {
-            info->ssl_verify = (uint32_t)SSL_get_verify_result(ssl);
+        if (peer != NULL && peer->presented) {
+            info->ssl_verify = (uint32_t)verify_result;
             /* Receivers take CERT_SESS (+ CN) as "this client holds that identity": only for
              * a verified certificate (verify optional lets a self-signed one through). */
-            if (info->ssl_verify == X509_V_OK) {
+            if (verify_result == X509_V_OK) {
                 info->ssl_client |= PP2_CLIENT_CERT_SESS;
                 if (!SSL_session_reused((SSL *)ssl))
                     info->ssl_client |= PP2_CLIENT_CERT_CONN;
                 if (want & PP2_WANT_CN) {
-                    ASN1_STRING *d = NULL;
-                    switch (fp_subject_cn(peer, &d)) {
-                    case FP_CN_ONE:
-                        info->ssl_cn.ptr = ASN1_STRING_get0_data(d);
-                        info->ssl_cn.len = (size_t)ASN1_STRING_length(d);
-                        break;
-                    case FP_CN_MANY:
+                    if (peer->cn_len == FP_CN_MANY) {
                         ambiguous = 1;
-                        break;
-                    default:
-                        break;
+                    } else if (peer->cn != NULL) {
+                        info->ssl_cn.ptr = peer->cn;      /* the raw ASN.1 bytes, as HAProxy */
+                        info->ssl_cn.len = (size_t)peer->cn_raw_len;
                     }
                 }
             }
-            X509_free(peer);  /* the session still holds the certificate */
         }
         if (own && (want & PP2_WANT_KEY_ALG) && scratch) {
             EVP_PKEY *pk = X509_get0_pubkey(own);
