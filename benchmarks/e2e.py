@@ -398,18 +398,23 @@ class Bench:
                 )
             p = self.procs.start(name, ["haproxy", "-db", "-f", cfg], log_path=logp)
             expect_procs = 1
-        elif name == "nginx" and wss:
+        elif name == "nginx":
+            # The same TLS server either way: WebSocket through `http` to Mosquitto's ws listener
+            # (wss), or the bytes through `stream`.
             prefix = self.path(tag)
             os.makedirs(prefix, exist_ok=True)
             cfg = os.path.join(prefix, "nginx.conf")
-            with open(cfg, "w") as f:
-                f.write(
-                    "daemon off;\n"
-                    "worker_processes 1;\n"
-                    f"worker_rlimit_nofile {self.nofile};\n"
-                    f"pid {prefix}/nginx.pid;\n"
-                    f"error_log {prefix}/error.log warn;\n"
-                    f"events {{ worker_connections {2 * self.maxconn}; }}\n"
+            tls_server = (
+                f"        listen 127.0.0.1:{port} ssl;\n"
+                f"        ssl_certificate {c.server_crt};\n"
+                f"        ssl_certificate_key {c.server_key};\n"
+                "        ssl_protocols TLSv1.3;\n"
+                f"        ssl_conf_command Ciphersuites {self.a.tls_suite};\n"
+                "        ssl_verify_client on;\n"
+                f"        ssl_client_certificate {c.ca};\n"
+            )
+            if wss:
+                body = (
                     "http {\n"
                     "    access_log off;\n"
                     f"    client_body_temp_path {prefix}/body;\n"
@@ -418,14 +423,8 @@ class Bench:
                     f"    uwsgi_temp_path {prefix}/uwsgi;\n"
                     f"    scgi_temp_path {prefix}/scgi;\n"
                     "    server {\n"
-                    f"        listen 127.0.0.1:{port} ssl;\n"
-                    f"        ssl_certificate {c.server_crt};\n"
-                    f"        ssl_certificate_key {c.server_key};\n"
-                    "        ssl_protocols TLSv1.3;\n"
-                    f"        ssl_conf_command Ciphersuites {self.a.tls_suite};\n"
-                    "        ssl_verify_client on;\n"
-                    f"        ssl_client_certificate {c.ca};\n"
-                    f"        location {WSS_PATH} {{\n"
+                    + tls_server
+                    + f"        location {WSS_PATH} {{\n"
                     f"            proxy_pass http://127.0.0.1:{upstream_port};\n"
                     "            proxy_http_version 1.1;\n"
                     "            proxy_set_header Upgrade $http_upgrade;\n"
@@ -438,37 +437,28 @@ class Bench:
                     "    }\n"
                     "}\n"
                 )
-            p = self.procs.start(name, ["nginx", "-p", prefix, "-c", cfg, "-e", f"{prefix}/error.log"],
-                                 log_path=logp)
-            expect_procs = 2  # master + one worker
-        elif name == "nginx":
-            prefix = self.path(tag)
-            os.makedirs(prefix, exist_ok=True)
-            cfg = os.path.join(prefix, "nginx.conf")
-            with open(cfg, "w") as f:
-                f.write(
-                    f"{NGINX_LOAD_STREAM}"
-                    "daemon off;\n"
-                    "worker_processes 1;\n"
-                    f"worker_rlimit_nofile {self.nofile};\n"
-                    f"pid {prefix}/nginx.pid;\n"
-                    f"error_log {prefix}/error.log warn;\n"
-                    f"events {{ worker_connections {2 * self.maxconn}; }}\n"
+            else:
+                body = (
                     "stream {\n"
                     "    server {\n"
-                    f"        listen 127.0.0.1:{port} ssl;\n"
-                    f"        ssl_certificate {c.server_crt};\n"
-                    f"        ssl_certificate_key {c.server_key};\n"
-                    "        ssl_protocols TLSv1.3;\n"
-                    f"        ssl_conf_command Ciphersuites {self.a.tls_suite};\n"
-                    "        ssl_verify_client on;\n"
-                    f"        ssl_client_certificate {c.ca};\n"
+                    + tls_server
                     + (f"        ssl_handshake_timeout {handshake_timeout}s;\n" if handshake_timeout is not None else "")
                     + "        proxy_connect_timeout 5s;\n"
                     "        proxy_timeout 1h;\n"
                     f"        proxy_pass 127.0.0.1:{upstream_port};\n"
                     "    }\n"
                     "}\n"
+                )
+            with open(cfg, "w") as f:
+                f.write(
+                    ("" if wss else NGINX_LOAD_STREAM)
+                    + "daemon off;\n"
+                    "worker_processes 1;\n"
+                    f"worker_rlimit_nofile {self.nofile};\n"
+                    f"pid {prefix}/nginx.pid;\n"
+                    f"error_log {prefix}/error.log warn;\n"
+                    f"events {{ worker_connections {2 * self.maxconn}; }}\n"
+                    + body
                 )
             p = self.procs.start(name, ["nginx", "-p", prefix, "-c", cfg, "-e", f"{prefix}/error.log"],
                                  log_path=logp)
@@ -538,10 +528,8 @@ class Bench:
                 f.write(line * left)
         return path
 
-    def run_msg(self, proxy: str, size: int, transport: str | None = None, qos: int = 0) -> dict:
-        """mosquitto_pub -l (QoS 0, or `qos`) through the proxy; a mosquitto_sub on the broker counts
-        arrivals. With QoS 1 every PUBLISH gets a PUBACK back through the proxy (mosquitto_pub keeps up
-        to 20 in flight), the traffic pattern of devices that want delivery confirmed.
+    def run_msg(self, proxy: str, size: int, transport: str | None = None) -> dict:
+        """mosquitto_pub -l (QoS 0) through the proxy; a mosquitto_sub on the broker counts arrivals.
 
         transport (the wss scenario): "mqtts" or "wss", with the --wss-client publisher (Mosquitto 2.1's
         mosquitto_pub, with --ws for wss, or loadgen.py pub). For wss, HAProxy and nginx pass the
@@ -576,7 +564,7 @@ class Bench:
             else:
                 px, port = self.start_proxy(proxy, upstream, wss=transport == "wss")
                 target, pgid = ["-p", str(port)] + self.tls_args(), px.pid
-            argv = ["mosquitto_pub", "-h", "127.0.0.1", *target, "-t", f"{topic}/data", "-q", str(qos), "-l",
+            argv = ["mosquitto_pub", "-h", "127.0.0.1", *target, "-t", f"{topic}/data", "-q", "0", "-l",
                     "-i", self._name("pub")]
             if transport is not None and self.a.wss_client == "mosquitto":
                 argv[0] = self.a.mosquitto21_pub

@@ -14,7 +14,7 @@ from fastproxy.errors import TLSConfigError
 # The context's identity settings (ext/src/tls_context.h): AWS-LC keeps only the client
 # certificate's hash and its tickets are sealed here with the certificate inside.
 cdef extern from "tls_context.h" nogil:
-    int fp_ctx_setup_identity(SSL_CTX* ctx, int client_certs)
+    int fp_ctx_setup_identity(SSL_CTX* ctx)
 
 cdef const char* CAPSULE_NAME = b"fastproxy.SSL_CTX"
 # ALPN protocol list in wire format (length-prefixed): MQTT's registered id.
@@ -283,7 +283,7 @@ cdef class TLSContext:
             SSL_CTX_set_verify_depth(ctx, verify_depth)
             # AWS-LC: keep only the certificate's SHA-256 after the handshake, and seal
             # tickets ourselves with the certificate inside (tls_peer.h); OpenSSL: nothing.
-            if fp_ctx_setup_identity(ctx, 1) != 0:
+            if fp_ctx_setup_identity(ctx) != 0:
                 raise MemoryError(_last_error())
 
     cdef _load_client_ca(self, str path):

@@ -148,7 +148,6 @@ cdef int tls_handshake(Core* e, Conn* c) noexcept nogil
 cdef int verified_cn(Conn* c, const unsigned char** out) noexcept nogil
 cdef object peer_cn(Conn* c)
 cdef object peer_der(Conn* c)
-cdef bint peer_verified(Conn* c)
-cdef bint peer_is_verified(Conn* c) noexcept nogil
+cdef bint peer_verified(Conn* c) noexcept nogil
 cdef void peer_release(Conn* c) noexcept nogil
 cdef object tls_version(Conn* c)

@@ -163,13 +163,15 @@ cdef int verified_cn(Conn* c, const unsigned char** out) noexcept nogil:
     while c lives); -1 without a verified certificate or a CN; FP_CN_MANY (-2) when the subject
     has several CNs (ambiguous: no identity). Taken by fp_subject_cn, the reader shared with the
     PROXY header and policy's PeerCertificate.cn."""
-    if not peer_is_verified(c) or c.cert.cn_len < 0:
-        return FP_CN_MANY if c.cert.cn_len == FP_CN_MANY and peer_is_verified(c) else -1
+    if not peer_verified(c):
+        return -1
+    if c.cert.cn_len < 0:
+        return c.cert.cn_len        # -1 (no CN) or FP_CN_MANY
     out[0] = c.cert.cn + c.cert.cn_raw_len + 1
     return c.cert.cn_len
 
 
-cdef bint peer_is_verified(Conn* c) noexcept nogil:
+cdef bint peer_verified(Conn* c) noexcept nogil:
     # Only a verified certificate is an identity: with `verify optional` a self-signed
     # "thing001" completes the handshake but must not be logged (or trusted) as thing001.
     return (c.cl.ssl != NULL and c.handshake_done and c.cert.presented
@@ -191,10 +193,6 @@ cdef object peer_der(Conn* c):
     if c.cl.ssl == NULL or not c.cert.presented or c.cert.der == NULL:
         return None
     return c.cert.der[:c.cert.der_len]
-
-
-cdef bint peer_verified(Conn* c):
-    return peer_is_verified(c)
 
 
 cdef void peer_release(Conn* c) noexcept nogil:

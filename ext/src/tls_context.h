@@ -110,14 +110,12 @@ static const SSL_TICKET_AEAD_METHOD FP_TICKET_METHOD = {
     fp_ticket_max_overhead, fp_ticket_seal, fp_ticket_open,
 };
 
-/* A server context's identity settings. client_certs: the listener asks for certificates.
+/* The identity settings of a context that asks for client certificates.
  * Returns 0, or -1 (an OpenSSL-style error is queued). */
-static inline int fp_ctx_setup_identity(SSL_CTX *ctx, int client_certs)
+static inline int fp_ctx_setup_identity(SSL_CTX *ctx)
 {
     uint8_t key[32];
     fp_ticket_key *k;
-    if (!client_certs)
-        return 0;
     SSL_CTX_set_retain_only_sha256_of_client_certs(ctx, 1);
     if (fp_ticket_idx < 0 && (fp_ticket_idx = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, fp_ticket_key_free)) < 0)
         return -1;
@@ -141,7 +139,7 @@ static inline int fp_ctx_setup_identity(SSL_CTX *ctx, int client_certs)
 #else
 /* OpenSSL keeps the certificate in the session whatever is asked (no API drops it); its own
  * tickets carry it across resumption. */
-static inline int fp_ctx_setup_identity(SSL_CTX *ctx, int client_certs) { (void)ctx; (void)client_certs; return 0; }
+static inline int fp_ctx_setup_identity(SSL_CTX *ctx) { (void)ctx; return 0; }
 #endif
 
 #endif
